@@ -1,0 +1,16 @@
+//! The data plane shared by the gateway and the mesh: TLS listeners with a hot-swappable certificate
+//! resolver, the Traefik-compatible rule router, middlewares, upstream pools with load balancing and
+//! health checks, and the streaming forwarder that ties them together.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod body;
+pub mod tls;
+pub mod rule;
+pub mod router;
+pub mod redirect;
+pub mod upstream;
+pub mod forward;
+pub mod metrics;
+pub mod admin;
+pub mod whoami;

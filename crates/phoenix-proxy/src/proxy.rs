@@ -1,0 +1,752 @@
+//! The request path: from a request a client sent to the response it gets back.
+//!
+//! For each request: find the host (HTTP/2 `:authority` or `Host`, lowercase, without port), match
+//! the route in the current table snapshot, run the route's middlewares, rewrite the headers
+//! (`forward`), send it to the route's service and stream the response back. Nothing is buffered:
+//! request and response bodies are passed through frame by frame (hyper supplies back-pressure), so an
+//! SSE event or a gRPC message reaches the other side as soon as it was sent, and trailers pass too.
+//! Upgrades (WebSocket) are joined byte for byte once both sides switched protocols.
+//!
+//! Route tables are immutable snapshots in an `ArcSwap`: a request loads the current one once and
+//! keeps it to the end, so a reload never changes what an in-flight request sees.
+//!
+//! Errors the proxy answers itself (404, 413, 502, 504, 403 for refused client certificates) are
+//! short `text/plain` bodies with the request id; upstream details go to the log, never to clients.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::{self, BoxError, UpstreamBody};
+use crate::config::{ListenerLimits, RetryConfig};
+use crate::forward::{self, ForwardInfo, X_REQUEST_ID};
+use crate::metrics::{Metrics, UpstreamHealth};
+use crate::middleware::RequestContext;
+use crate::rule::RequestView;
+use crate::table::{RouteTable, RouteTarget};
+use crate::upstream::{Service, UpstreamError, Upstreamed};
+
+/// How a proxy listener behaves, besides its routes.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub limits: ListenerLimits,
+    /// Peers whose forwarding headers are believed (appended to rather than replaced).
+    pub trusted_proxies: Vec<IpNet>,
+    /// One JSON line per request, through tracing target `access`.
+    pub access_log: bool,
+    /// With mTLS: DNS names of which a client certificate must carry one; empty allows any
+    /// certificate the TLS layer accepted.
+    pub allowed_client_names: Vec<String>,
+    /// `"mesh"` or `"gateway"`: the `role` label of metrics and logs.
+    pub role: &'static str,
+}
+
+/// A proxy: settings, the current route table and the metrics it reports to. Listeners are served
+/// by `serve_tls` / `serve_plain` (see `server`).
+pub struct Proxy {
+    pub(crate) settings: ProxySettings,
+    table: Arc<ArcSwap<RouteTable>>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The shutdown token of the first listener, so that services of reloaded tables start their
+    /// health checks under it.
+    health_shutdown: OnceLock<CancellationToken>,
+    route_404: Arc<str>,
+    service_none: Arc<str>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("role", &self.settings.role)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings, table: RouteTable, metrics: Arc<Metrics>) -> Arc<Proxy> {
+        let table = Arc::new(ArcSwap::from_pointee(table));
+        let weak = Arc::downgrade(&table);
+        metrics.watch_upstreams(Arc::new(move || {
+            let Some(table) = weak.upgrade() else {
+                return Vec::new();
+            };
+            let table = table.load();
+            table
+                .services()
+                .flat_map(|svc| {
+                    svc.servers().into_iter().map(|s| UpstreamHealth {
+                        service: svc.name().to_owned(),
+                        server: s.url,
+                        up: s.healthy,
+                    })
+                })
+                .collect()
+        }));
+        Arc::new(Proxy {
+            settings,
+            table,
+            metrics,
+            health_shutdown: OnceLock::new(),
+            route_404: Arc::from(""),
+            service_none: Arc::from(""),
+        })
+    }
+
+    /// Swaps in a new route table. Requests in flight finish with the table they started with.
+    pub fn reload(&self, table: RouteTable) {
+        if let Some(shutdown) = self.health_shutdown.get() {
+            table.start_health_checks(shutdown);
+        }
+        self.table.store(Arc::new(table));
+    }
+
+    pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+
+    pub fn settings(&self) -> &ProxySettings {
+        &self.settings
+    }
+
+    /// Starts health checks of the current table (and of every table swapped in later) under
+    /// `shutdown`. Called by the listeners; calling it again does nothing.
+    pub(crate) fn start_health_checks(&self, shutdown: &CancellationToken) {
+        if self.health_shutdown.set(shutdown.clone()).is_ok() {
+            self.table.load().start_health_checks(shutdown);
+        }
+    }
+
+    /// State of every service and server, for `/health`.
+    pub fn health(&self) -> serde_json::Value {
+        let table = self.table.load();
+        let services: Vec<serde_json::Value> = table
+            .services()
+            .map(|svc| {
+                let servers = svc.servers();
+                let healthy = servers.iter().filter(|s| s.healthy).count();
+                serde_json::json!({
+                    "name": svc.name(),
+                    "healthy": healthy,
+                    "servers": servers,
+                })
+            })
+            .collect();
+        serde_json::json!({ "role": self.settings.role, "services": services })
+    }
+
+    /// Handles one request of a connection.
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: &Arc<ConnInfo>,
+    ) -> Response<UpstreamBody> {
+        let started = Instant::now();
+        let request_id = forward::ensure_request_id(req.headers_mut());
+        let mut log = AccessLog {
+            role: self.settings.role,
+            client: conn.peer,
+            method: req.method().clone(),
+            host: String::new(),
+            path: req.uri().path().to_owned(),
+            route: self.route_404.clone(),
+            service: self.service_none.clone(),
+            upstream: None,
+            tls_version: conn.tls_version,
+            request_id: request_id.clone(),
+            status: 0,
+            started,
+        };
+        let guard = conn.enter();
+
+        if let Some(reason) = &conn.denied {
+            tracing::warn!(peer = %conn.peer, reason = %reason, "request on a connection whose client certificate is not allowed");
+            let resp = error_response(
+                StatusCode::FORBIDDEN,
+                "client certificate not allowed",
+                &request_id,
+            );
+            return self.finish(resp, log, guard);
+        }
+
+        // Host: the URI authority (HTTP/2, absolute-form) wins over the Host header (RFC 9112 3.2.2).
+        let host_full: Option<String> = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        let host = host_full
+            .as_deref()
+            .map(host_without_port)
+            .unwrap_or_default();
+        log.host = host.clone().into_owned();
+        let client_ip = forward::client_ip(
+            conn.peer.ip(),
+            req.headers(),
+            &self.settings.trusted_proxies,
+        );
+
+        let table = self.table.load_full();
+        let target: Arc<RouteTarget> = {
+            let view = RequestView {
+                method: req.method(),
+                host: &host,
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+                client_ip,
+            };
+            match table.route(&view) {
+                Some(t) => t.clone(),
+                None => {
+                    let msg = format!("no route for {}{}", host, req.uri().path());
+                    let resp = error_response(StatusCode::NOT_FOUND, &msg, &request_id);
+                    return self.finish(resp, log, guard);
+                }
+            }
+        };
+        drop(table);
+        log.route = target.name.clone();
+        log.service = target.service_name.clone();
+
+        let upgrade =
+            req.version() == Version::HTTP_11 && forward::is_upgrade_request(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, incoming) = req.into_parts();
+        forward::remove_hop_by_hop(&mut parts.headers, upgrade);
+        if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 clients send only :authority; an HTTP/1.1 upstream needs the Host header.
+            if let Some(value) = host_full
+                .as_deref()
+                .and_then(|h| HeaderValue::from_str(h).ok())
+            {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        let peer_trusted = forward::is_trusted(conn.peer.ip(), &self.settings.trusted_proxies);
+        forward::set_forwarded(
+            &mut parts.headers,
+            &ForwardInfo {
+                peer: conn.peer.ip(),
+                peer_trusted,
+                proto: conn.scheme,
+                host: host_full.as_deref(),
+            },
+        );
+        let ctx = RequestContext {
+            client_ip,
+            scheme: conn.scheme,
+            host: log.host.clone(),
+        };
+        if let Err(resp) = target.chain.on_request(&mut parts, &ctx) {
+            let (mut rparts, full) = resp.into_parts();
+            rparts
+                .headers
+                .insert(X_REQUEST_ID.clone(), request_id.clone());
+            let resp = Response::from_parts(rparts, body::boxed(full));
+            return self.finish(resp, log, guard);
+        }
+        log.path = parts.uri.path().to_owned();
+
+        // Body size limit: the smaller of the listener's and the route's.
+        let limit = match (
+            self.settings.limits.max_body_size,
+            target.chain.max_body_size(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(limit), Some(len)) = (limit, declared) {
+            if len > limit {
+                let resp = error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body larger than {limit} bytes"),
+                    &request_id,
+                );
+                return self.finish(resp, log, guard);
+            }
+        }
+        let exceeded = Arc::new(AtomicBool::new(false));
+        let empty_body = incoming.is_end_stream();
+        let request_body = match limit {
+            Some(limit) => LimitedBody::new(incoming, limit, exceeded.clone()).boxed(),
+            None => body::boxed(incoming),
+        };
+        let retry = if empty_body && !upgrade {
+            target.chain.retry()
+        } else {
+            None
+        };
+        let template = retry.as_ref().map(|_| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.version,
+                parts.headers.clone(),
+            )
+        });
+        let upstream_req = Request::from_parts(parts, request_body);
+
+        let result = send(&target.service, upstream_req, retry, template).await;
+        match result {
+            Ok(Upstreamed {
+                mut response,
+                server,
+            }) => {
+                log.upstream = Some(server);
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if switching {
+                    if let Some(client_upgrade) = client_upgrade {
+                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        conn.spawn_tunnel(client_upgrade, upstream_upgrade);
+                    }
+                }
+                let (mut rparts, rbody) = response.into_parts();
+                forward::remove_hop_by_hop(&mut rparts.headers, switching);
+                target.chain.on_response(&mut rparts);
+                rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
+                let resp = Response::from_parts(rparts, body::boxed(rbody));
+                self.finish(resp, log, guard)
+            }
+            Err(error) => {
+                let (status, text) = if exceeded.load(Ordering::Relaxed) {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large".to_owned(),
+                    )
+                } else if error.is_timeout() {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream timeout".to_owned())
+                } else {
+                    (StatusCode::BAD_GATEWAY, "upstream unreachable".to_owned())
+                };
+                log.upstream = error.server().map(Arc::from);
+                tracing::warn!(
+                    route = %target.name, service = %target.service_name, request_id = ?request_id,
+                    error = %error, "upstream request failed"
+                );
+                let resp = error_response(status, &text, &request_id);
+                self.finish(resp, log, guard)
+            }
+        }
+    }
+
+    /// Records metrics and wraps the body so the access log line is written when it ends.
+    fn finish(
+        &self,
+        resp: Response<UpstreamBody>,
+        mut log: AccessLog,
+        guard: InFlightGuard,
+    ) -> Response<UpstreamBody> {
+        let status = resp.status().as_u16();
+        log.status = status;
+        self.metrics.record_request(
+            log.role,
+            &log.route,
+            &log.service,
+            status,
+            log.started.elapsed(),
+        );
+        let access = self.settings.access_log.then(|| Box::new(log));
+        resp.map(|inner| {
+            TrackedBody {
+                inner,
+                bytes: 0,
+                access,
+                _guard: guard,
+            }
+            .boxed()
+        })
+    }
+}
+
+/// Sends with the route's retry policy (only for requests without a body, which can be rebuilt).
+async fn send(
+    service: &Arc<Service>,
+    req: Request<UpstreamBody>,
+    retry: Option<RetryConfig>,
+    template: Option<(Method, http::Uri, Version, http::HeaderMap)>,
+) -> Result<Upstreamed, UpstreamError> {
+    let (Some(retry), Some((method, uri, version, headers))) = (retry, template) else {
+        return service.send(req).await;
+    };
+    let mut wait = retry.initial_interval;
+    let mut attempt = 1;
+    let mut req = req;
+    loop {
+        match service.send(req).await {
+            Ok(r) => return Ok(r),
+            // A timeout already used the request's time budget; trying again would double it.
+            Err(e) if e.is_timeout() || attempt >= retry.attempts => return Err(e),
+            Err(e) => {
+                tracing::debug!(service = %service.name(), attempt, error = %e, "retrying after upstream error");
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2);
+                attempt += 1;
+                let mut next = Request::new(body::empty());
+                *next.method_mut() = method.clone();
+                *next.uri_mut() = uri.clone();
+                *next.version_mut() = version;
+                *next.headers_mut() = headers.clone();
+                req = next;
+            }
+        }
+    }
+}
+
+/// `host[:port]` -> lowercase host; IPv6 literals keep their brackets.
+fn host_without_port(authority: &str) -> Cow<'_, str> {
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if authority.starts_with('[') {
+        match authority.find(']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        }
+    };
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// A short text response the proxy writes itself.
+pub(crate) fn error_response(
+    status: StatusCode,
+    message: &str,
+    request_id: &HeaderValue,
+) -> Response<UpstreamBody> {
+    let id = request_id.to_str().unwrap_or("");
+    let text = format!("{message}\nrequest id: {id}\n");
+    let mut resp = Response::new(body::full(text));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    resp
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection state shared with the request path
+// ---------------------------------------------------------------------------------------------
+
+/// What the request path knows about the connection a request came on.
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) scheme: &'static str,
+    pub(crate) tls_version: Option<&'static str>,
+    /// Why requests on this connection are refused (client certificate not on the allow-list).
+    pub(crate) denied: Option<String>,
+    /// Requests whose response has not ended yet, and when the last one ended: the idle timer.
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) last_active: Mutex<Instant>,
+    /// Upgraded tunnels outlive the HTTP connection; they are tracked for the drain and hold the
+    /// connection's permit (`_permit`) so they count against `max_connections`.
+    pub(crate) tasks: TaskTracker,
+    pub(crate) force_close: CancellationToken,
+    pub(crate) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) open_gauge: Option<prometheus_client::metrics::gauge::Gauge>,
+}
+
+impl Drop for ConnInfo {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open_gauge {
+            g.dec();
+        }
+    }
+}
+
+impl ConnInfo {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self.clone())
+    }
+
+    pub(crate) fn is_idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            Some(*self.last_active.lock().expect("idle lock"))
+        } else {
+            None
+        }
+    }
+
+    fn spawn_tunnel(
+        self: &Arc<Self>,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: hyper::upgrade::OnUpgrade,
+    ) {
+        let conn = self.clone();
+        let peer = self.peer;
+        self.tasks.spawn(async move {
+            let force = conn.force_close.clone();
+            let joined = async {
+                let (client, upstream) = tokio::try_join!(client, upstream)?;
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .map_err(|e| -> BoxError { e.into() })?;
+                Ok::<_, BoxError>(())
+            };
+            tokio::select! {
+                result = joined => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                _ = force.cancelled() => {}
+            }
+            drop(conn);
+        });
+    }
+}
+
+/// Marks a request in flight on its connection until its response body is done.
+pub(crate) struct InFlightGuard(Arc<ConnInfo>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        *self.0.last_active.lock().expect("idle lock") = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------------------------
+
+struct AccessLog {
+    role: &'static str,
+    client: SocketAddr,
+    method: Method,
+    host: String,
+    path: String,
+    route: Arc<str>,
+    service: Arc<str>,
+    upstream: Option<Arc<str>>,
+    tls_version: Option<&'static str>,
+    request_id: HeaderValue,
+    status: u16,
+    started: Instant,
+}
+
+impl AccessLog {
+    fn emit(&self, bytes: u64, complete: bool) {
+        let time = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let client: IpAddr = self.client.ip();
+        tracing::info!(
+            target: "access",
+            time = %time,
+            client = %client,
+            host = %self.host,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes,
+            complete,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            route = %self.route,
+            service = %self.service,
+            upstream = self.upstream.as_deref().unwrap_or(""),
+            tls_version = self.tls_version.unwrap_or(""),
+            request_id = self.request_id.to_str().unwrap_or(""),
+            role = self.role,
+        );
+    }
+}
+
+/// Response body that counts bytes, writes the access log line when it ends (or is dropped: the
+/// client went away), and keeps the request "in flight" on its connection until then.
+struct TrackedBody {
+    inner: UpstreamBody,
+    bytes: u64,
+    access: Option<Box<AccessLog>>,
+    _guard: InFlightGuard,
+}
+
+impl TrackedBody {
+    fn boxed(self) -> UpstreamBody {
+        http_body_util::BodyExt::boxed_unsync(self)
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.access.take() {
+                    log.emit(this.bytes, true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.access.take() {
+            // An empty body hyper never polled ended normally; anything else was cut short.
+            let complete = self.inner.is_end_stream();
+            log.emit(self.bytes, complete);
+        }
+    }
+}
+
+/// The request body error when a client sends more than the size limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// Request body that fails once more than `limit` bytes went through, so an oversized upload is
+/// cut while streaming instead of being buffered to be measured.
+struct LimitedBody {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+    exceeded: Arc<AtomicBool>,
+}
+
+impl LimitedBody {
+    fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            limit,
+            exceeded,
+        }
+    }
+
+    fn boxed(self) -> UpstreamBody {
+        http_body_util::BodyExt::boxed_unsync(self)
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                            limit: this.limit,
+                        }))));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_normalised() {
+        assert_eq!(
+            host_without_port("App.Phoenix.Test:8443"),
+            "app.phoenix.test"
+        );
+        assert_eq!(host_without_port("app.phoenix.test."), "app.phoenix.test");
+        assert_eq!(host_without_port("[::1]:443"), "[::1]");
+        assert_eq!(host_without_port("127.0.0.1"), "127.0.0.1");
+        assert!(matches!(
+            host_without_port("lower.test:1"),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn error_body_carries_request_id_and_nothing_else() {
+        let id = HeaderValue::from_static("abc123");
+        let resp = error_response(StatusCode::BAD_GATEWAY, "upstream unreachable", &id);
+        assert_eq!(resp.status(), 502);
+        assert_eq!(resp.headers()["x-request-id"], "abc123");
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    }
+}

@@ -1,0 +1,344 @@
+//! Listeners of a proxy: the accept loop and one task per connection.
+//!
+//! The accept loop takes a permit of the connection cap before it accepts, so with `max_connections`
+//! open further clients wait in the kernel backlog instead of being accepted and starved. Accept
+//! errors that concern one connection are ignored; the others (out of file descriptors) are logged
+//! and retried with a growing pause, so a full descriptor table does not become a busy loop.
+//!
+//! Each connection runs in its own task under a tracing span with both addresses: TLS handshake
+//! (bounded by the header-read timeout), the mTLS allow-list check, then hyper-util's automatic
+//! HTTP/1.1 + HTTP/2 server with upgrades. Limits: header-read timeout, largest request head, number of
+//! header fields, and an idle timeout: a connection with no request in flight for `idle_timeout` is
+//! closed gracefully (HTTP/2 GOAWAY). For HTTP/1.1, hyper's header-read timer also runs while a
+//! keep-alive connection waits for its next request, so such a connection is closed after the
+//! shorter of the two timeouts.
+//!
+//! Shutdown: the loop stops accepting, every connection is told to finish gracefully (GOAWAY, or
+//! `Connection: close` after the current response), and the listener waits up to `drain_timeout` for
+//! them (and for upgraded tunnels) before closing whatever is left.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ProtocolVersion;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::ListenerLimits;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::tls;
+
+type Builder = auto::Builder<TokioExecutor>;
+
+impl Proxy {
+    /// Serves HTTPS on `listener` until `shutdown`, then drains (see the module documentation).
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        serve(self, listener, Some(TlsAcceptor::from(tls)), shutdown).await
+    }
+
+    /// Serves plain HTTP on `listener` (tests, or a mesh behind a TLS-terminating peer on loopback).
+    pub async fn serve_plain(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        serve(self, listener, None, shutdown).await
+    }
+}
+
+/// The HTTP server settings of a listener.
+fn builder(limits: &ListenerLimits) -> Builder {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper refuses buffers under 8 KiB; the head must fit in the buffer, so this bounds it.
+        .max_buf_size(limits.max_header_size.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    proxy.start_health_checks(&shutdown);
+    let limits = proxy.settings.limits.clone();
+    let role = proxy.settings.role;
+    let semaphore = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let tracker = TaskTracker::new();
+    let force = CancellationToken::new();
+    let builder = Arc::new(builder(&limits));
+    let local = listener.local_addr()?;
+    tracing::info!(role, %local, tls = tls.is_some(), "listening");
+
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = semaphore.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(5);
+                    accepted
+                }
+                Err(e) if is_per_connection_error(&e) => {
+                    tracing::debug!(error = %e, "accept failed for one connection");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let span = tracing::debug_span!("conn", role, %peer, %local);
+        let task = connection(
+            proxy.clone(),
+            builder.clone(),
+            stream,
+            peer,
+            tls.clone(),
+            permit,
+            shutdown.clone(),
+            force.clone(),
+            tracker.clone(),
+        );
+        tracker.spawn(task.instrument(span));
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(limits.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            role,
+            %local,
+            left = tracker.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
+        force.cancel();
+        tracker.wait().await;
+    }
+    tracing::info!(role, %local, "listener stopped");
+    Ok(())
+}
+
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the arguments
+async fn connection(
+    proxy: Arc<Proxy>,
+    builder: Arc<Builder>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limits = &proxy.settings.limits;
+    let Some(acceptor) = tls else {
+        let info = conn_info(
+            &proxy,
+            peer,
+            "http",
+            None,
+            None,
+            permit,
+            force.clone(),
+            tracker,
+        );
+        serve_http(proxy, builder, TokioIo::new(stream), info, shutdown, force).await;
+        return;
+    };
+    let handshake = tokio::select! {
+        result = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)) => result,
+        _ = shutdown.cancelled() => return,
+    };
+    let mut stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    let session = stream.get_ref().1;
+    if session.alpn_protocol() == Some(tls::ALPN_ACME_TLS) {
+        // RFC 8737 section 3: the validation is the handshake itself; no application data follows.
+        tracing::debug!(
+            sni = session.server_name(),
+            "acme-tls/1 validation handshake done"
+        );
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let tls_version = session.protocol_version().map(version_name);
+    let denied = check_client_name(session, &proxy.settings.allowed_client_names);
+    if let Some(reason) = &denied {
+        tracing::warn!(%peer, reason = %reason, "client certificate refused; requests get 403");
+    }
+    let info = conn_info(
+        &proxy,
+        peer,
+        "https",
+        tls_version,
+        denied,
+        permit,
+        force.clone(),
+        tracker,
+    );
+    serve_http(proxy, builder, TokioIo::new(stream), info, shutdown, force).await;
+}
+
+#[allow(clippy::too_many_arguments)] // plain data for one struct literal
+fn conn_info(
+    proxy: &Proxy,
+    peer: SocketAddr,
+    scheme: &'static str,
+    tls_version: Option<&'static str>,
+    denied: Option<String>,
+    permit: OwnedSemaphorePermit,
+    force_close: CancellationToken,
+    tasks: TaskTracker,
+) -> Arc<ConnInfo> {
+    let gauge = proxy.metrics.connections_open(proxy.settings.role);
+    gauge.inc();
+    Arc::new(ConnInfo {
+        peer,
+        scheme,
+        tls_version,
+        denied,
+        in_flight: AtomicUsize::new(0),
+        last_active: Mutex::new(Instant::now()),
+        tasks,
+        force_close,
+        _permit: Some(permit),
+        open_gauge: Some(gauge),
+    })
+}
+
+fn version_name(v: ProtocolVersion) -> &'static str {
+    match v {
+        ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        _ => "other",
+    }
+}
+
+/// With an allow-list, the client certificate (already verified against the roots by rustls) must
+/// carry one of the allowed DNS names.
+fn check_client_name(session: &rustls::ServerConnection, allowed: &[String]) -> Option<String> {
+    if allowed.is_empty() {
+        return None;
+    }
+    let Some(cert) = session.peer_certificates().and_then(|certs| certs.first()) else {
+        return Some("no client certificate, but allowed_clients is set".to_owned());
+    };
+    let names = tls::dns_names(cert);
+    let ok = names.iter().any(|name| {
+        allowed
+            .iter()
+            .any(|a| a.trim_end_matches('.').eq_ignore_ascii_case(name))
+    });
+    if ok {
+        None
+    } else {
+        Some(format!(
+            "client certificate names {names:?} are not in allowed_clients"
+        ))
+    }
+}
+
+async fn serve_http<I>(
+    proxy: Arc<Proxy>,
+    builder: Arc<Builder>,
+    io: TokioIo<I>,
+    info: Arc<ConnInfo>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let idle_timeout = proxy.settings.limits.idle_timeout;
+    let service = {
+        let info = info.clone();
+        hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        // While requests are in flight, look again one idle period later.
+        let wake = info.is_idle_since().unwrap_or_else(Instant::now) + idle_timeout;
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = force.cancelled() => break,
+            _ = tokio::time::sleep_until(wake.into()), if !draining => {
+                if info.is_idle_since().is_some_and(|since| since.elapsed() >= idle_timeout) {
+                    tracing::debug!("idle timeout; closing the connection");
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

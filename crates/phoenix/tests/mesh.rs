@@ -1,0 +1,307 @@
+//! End-to-end tests of the `mesh` role: the real binary, a CA made by `phoenix ca`, `phoenix whoami`
+//! backends, and real clients (curl, reqwest), all on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Mesh {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    ca: TestCa,
+    config: PathBuf,
+    addr: SocketAddr,
+    proc: Proc,
+}
+
+fn start_whoami(dir: &Path, name: &str, port: u16) -> Proc {
+    let mut cmd = phoenix();
+    cmd.args(["whoami", "--listen", &format!("127.0.0.1:{port}"), "--name", name]);
+    let mut p = Proc::start(&format!("whoami-{name}"), cmd, dir);
+    wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), &mut p);
+    p
+}
+
+/// Writes a mesh topology with `body` appended (services, routes, middlewares) and starts the mesh.
+fn start_mesh(extra_mesh: &str, body: &str) -> Mesh {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let ca = TestCa::init(&dir, "phoenix.test");
+    ca.issue("mesh.phoenix.test", "mesh");
+    let port = free_port();
+    let admin = free_port();
+    let config = dir.join("phoenix.toml");
+    std::fs::write(&config, mesh_file(port, admin, extra_mesh, body)).unwrap();
+    let mut cmd = phoenix();
+    cmd.arg("mesh").arg("--config").arg(&config);
+    let mut proc = Proc::start("mesh", cmd, &dir);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(addr, &mut proc);
+    Mesh { _tmp: tmp, dir, ca, config, addr, proc }
+}
+
+fn mesh_file(port: u16, admin: u16, extra_mesh: &str, body: &str) -> String {
+    format!(
+        r#"domain = "phoenix.test"
+[mesh]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+tls_cert = "mesh/cert.pem"
+tls_key = "mesh/key.pem"
+plaintext_networks = ["127.0.0.0/8"]
+{extra_mesh}
+{body}
+"#
+    )
+}
+
+impl Mesh {
+    /// An HTTP/1.1 client that trusts only the CA's root and reaches the mesh by its own name, the way
+    /// the gateway does; the Host header picks the route.
+    fn client(&self) -> reqwest::Client {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let root = reqwest::Certificate::from_pem(&std::fs::read(self.ca.root()).unwrap()).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(root)
+            .resolve("mesh.phoenix.test", self.addr)
+            .http1_only()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://mesh.phoenix.test:{}{path}", self.addr.port())
+    }
+
+    async fn get(&self, client: &reqwest::Client, host: &str, path: &str) -> (u16, serde_json::Value) {
+        let resp = client.get(self.url(path)).header("host", host).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_path_and_strips_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let _a = start_whoami(tmp.path(), "a", pa);
+    let _b = start_whoami(tmp.path(), "b", pb);
+    let mesh = start_mesh(
+        r#"trusted_proxies = ["127.0.0.1/32"]"#,
+        &format!(
+            r#"
+[[service]]
+name = "app"
+servers = ["http://127.0.0.1:{pa}", "http://127.0.0.1:{pb}"]
+[[service]]
+name = "other"
+servers = ["http://127.0.0.1:{pb}"]
+[[route]]
+rule = "Host(`api.phoenix.test`) && PathPrefix(`/v1`)"
+service = "app"
+middlewares = ["strip-v1"]
+[[route]]
+rule = "Host(`api.phoenix.test`) && Path(`/special`)"
+service = "other"
+[middleware.strip-v1]
+strip_prefix = ["/v1"]
+"#
+        ),
+    );
+    let c = mesh.client();
+
+    // The automatic Host(<service>.<domain>) route, balanced over both servers.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (status, body) = mesh.get(&c, "app.phoenix.test", "/hello?x=1").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["path"], "/hello");
+        seen.insert(body["name"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["a", "b"]);
+
+    // Host + PathPrefix with strip-prefix: the backend sees the path without /v1.
+    let (status, body) = mesh.get(&c, "API.phoenix.test", "/v1/items").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["path"], "/items");
+    assert_eq!(body["headers"]["x-forwarded-prefix"][0], "/v1");
+
+    // Host + Path to another service.
+    let (status, body) = mesh.get(&c, "api.phoenix.test", "/special").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["name"], "b");
+
+    // No route: 404 with the request id in the body.
+    let resp = c.get(mesh.url("/nothing")).header("host", "api.phoenix.test").send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(resp.text().await.unwrap().contains(&id));
+
+    // The peer (127.0.0.1) is a trusted proxy: its X-Forwarded-For is kept and extended.
+    let resp = c
+        .get(mesh.url("/"))
+        .header("host", "app.phoenix.test")
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["headers"]["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
+    assert_eq!(body["headers"]["x-forwarded-proto"][0], "https");
+    assert_eq!(body["host"], "app.phoenix.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_peer_forwarding_headers_are_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = free_port();
+    let _a = start_whoami(tmp.path(), "a", p);
+    let mesh = start_mesh(
+        r#"trusted_proxies = ["192.0.2.1/32"]"#,
+        &format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{p}\"]\n"),
+    );
+    let resp = mesh
+        .client()
+        .get(mesh.url("/"))
+        .header("host", "app.phoenix.test")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("forwarded", "for=203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["headers"]["x-forwarded-for"][0], "127.0.0.1");
+    let forwarded = body["headers"]["forwarded"][0].as_str().unwrap();
+    assert!(!forwarded.contains("203.0.113.7"), "{forwarded}");
+    assert!(forwarded.contains("for=127.0.0.1"), "{forwarded}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_server_is_ejected_and_returns_without_failed_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let _a = start_whoami(tmp.path(), "a", pa);
+    let mut b = start_whoami(tmp.path(), "b", pb);
+    let mesh = start_mesh(
+        "",
+        &format!(
+            "[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{pa}\", \"http://127.0.0.1:{pb}\"]\nhealth = {{ path = \"/health\", interval = \"1s\", timeout = \"500ms\" }}\n"
+        ),
+    );
+    let c = mesh.client();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served_by_b = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (c, url) = (c.clone(), mesh.url("/"));
+        let (failures, served_by_b, stop) = (failures.clone(), served_by_b.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut total = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match c.get(&url).header("host", "app.phoenix.test").send().await {
+                    Ok(r) if r.status() == 200 => {
+                        let body: serde_json::Value = r.json().await.unwrap();
+                        if body["name"] == "b" {
+                            served_by_b.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                total += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            total
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    // Two health intervals after the kill, b must be out of rotation.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = served_by_b.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(served_by_b.load(Ordering::Relaxed), before, "b still served after ejection");
+
+    // b comes back on the same port and returns to rotation within two intervals.
+    let _b2 = start_whoami(tmp.path(), "b", pb);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while served_by_b.load(Ordering::Relaxed) == before {
+        assert!(Instant::now() < deadline, "b never returned to rotation");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = load.await.unwrap();
+    assert!(total > 100, "only {total} requests were sent");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed GETs while a server was down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_changes_and_keeps_running_config_on_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = free_port();
+    let _a = start_whoami(tmp.path(), "a", p);
+    let services = format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{p}\"]\n");
+    let mesh = start_mesh("", &services);
+    let c = mesh.client();
+    assert_eq!(mesh.get(&c, "new.phoenix.test", "/").await.0, 404);
+
+    let original = std::fs::read_to_string(&mesh.config).unwrap();
+    let with_route = format!("{original}\n[[route]]\nrule = \"Host(`new.phoenix.test`)\"\nservice = \"app\"\n");
+    std::fs::write(&mesh.config, &with_route).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mesh.get(&c, "new.phoenix.test", "/").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the new route never appeared:\n{}", mesh.proc.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An invalid file: every problem logged, the running configuration keeps serving.
+    std::fs::write(&mesh.config, format!("{with_route}\n[[route]]\nrule = \"Host(`x`\"\nservice = \"nope\"\n"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..20 {
+        assert_eq!(mesh.get(&c, "new.phoenix.test", "/").await.0, 200);
+    }
+    let log = mesh.proc.log();
+    assert!(log.contains("reload rejected"), "{log}");
+    assert!(log.contains("route[1]"), "the log names the bad route:\n{log}");
+    let _ = &mesh.dir;
+}
+
+#[test]
+fn plaintext_backend_outside_trusted_networks_is_refused_before_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = TestCa::init(dir, "phoenix.test");
+    ca.issue("mesh.phoenix.test", "mesh");
+    let port = free_port();
+    let config = dir.join("phoenix.toml");
+    let body = "[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:8001\"]\n";
+    let text = mesh_file(port, free_port(), "", body).replace("127.0.0.0/8", "10.0.0.0/24");
+    std::fs::write(&config, text).unwrap();
+    for verb in ["mesh", "check"] {
+        let out = phoenix().arg(verb).arg("--config").arg(&config).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{verb}: {err}");
+        assert!(err.contains("http://127.0.0.1:8001"), "{verb}: {err}");
+        assert!(err.contains("10.0.0.0/24"), "{verb}: {err}");
+        assert!(err.contains("phoenix.toml:"), "{verb}: the file position is given: {err}");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "no port was bound");
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let mut mesh = start_mesh("", "");
+    assert!(mesh.proc.terminate().success(), "{}", mesh.proc.log());
+}
