@@ -14,7 +14,7 @@
 //! HTTP/2 :authority), so the CA works behind any address. Each state change is one store
 //! transaction (see `store.rs`); validation runs in background tasks (`validation.rs`).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -37,7 +37,9 @@ use crate::config::{is_dns_name, CaConfig, Policy};
 use crate::jws::{b64url, b64url_decode, Jwk, Jws, SUPPORTED_ALGS};
 use crate::nonce::NonceStore;
 use crate::problem::{Problem, ProblemType};
-use crate::store::{AccountRec, AuthzRec, CertRec, ChallengeRec, EabRec, Identifier, OrderRec, Status, Store};
+use crate::store::{
+    AccountRec, AuthzRec, CertRec, ChallengeRec, EabRec, Identifier, OrderRec, Status, Store,
+};
 use crate::validation::Validator;
 
 /// Largest request body accepted (JWS with a CSR fits easily).
@@ -139,11 +141,17 @@ impl AcmeState {
         let host = uri
             .authority()
             .map(|a| a.as_str().to_owned())
-            .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+            .or_else(|| {
+                headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
             .filter(|h| {
                 !h.is_empty()
                     && h.len() <= 260
-                    && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
             })
             .unwrap_or_else(|| self.fallback_host.clone());
         format!("https://{host}")
@@ -167,7 +175,8 @@ impl Authed {
     }
 
     fn json<T: for<'de> Deserialize<'de>>(&self) -> Result<T, Problem> {
-        serde_json::from_slice(&self.payload).map_err(|e| Problem::malformed(format!("request payload: {e}")))
+        serde_json::from_slice(&self.payload)
+            .map_err(|e| Problem::malformed(format!("request payload: {e}")))
     }
 
     fn account(&self) -> Result<&AccountRec, Problem> {
@@ -191,11 +200,22 @@ enum KeyForm {
     Either,
 }
 
-fn authenticate(s: &AcmeState, headers: &HeaderMap, uri: &Uri, body: &[u8], form: KeyForm) -> Result<Authed, Problem> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+fn authenticate(
+    s: &AcmeState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: &[u8],
+    form: KeyForm,
+) -> Result<Authed, Problem> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.trim().eq_ignore_ascii_case("application/jose+json") {
-        return Err(Problem::malformed("Content-Type must be application/jose+json (RFC 8555 6.2)")
-            .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        return Err(Problem::malformed(
+            "Content-Type must be application/jose+json (RFC 8555 6.2)",
+        )
+        .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
     }
     let jws = Jws::parse(body)?;
     let h = &jws.header;
@@ -209,21 +229,33 @@ fn authenticate(s: &AcmeState, headers: &HeaderMap, uri: &Uri, body: &[u8], form
     }
     match (&h.jwk, &h.kid) {
         (Some(_), Some(_)) | (None, None) => {
-            return Err(Problem::malformed("the JWS header must carry exactly one of \"jwk\" and \"kid\""))
+            return Err(Problem::malformed(
+                "the JWS header must carry exactly one of \"jwk\" and \"kid\"",
+            ))
         }
         (Some(_), None) if form == KeyForm::Kid => {
-            return Err(Problem::malformed("this resource requires a \"kid\" (account URL), not a \"jwk\""))
+            return Err(Problem::malformed(
+                "this resource requires a \"kid\" (account URL), not a \"jwk\"",
+            ))
         }
         (None, Some(_)) if form == KeyForm::Jwk => {
-            return Err(Problem::malformed("newAccount requires a \"jwk\", not a \"kid\""))
+            return Err(Problem::malformed(
+                "newAccount requires a \"jwk\", not a \"kid\"",
+            ))
         }
         _ => {}
     }
     let Some(nonce) = h.nonce.as_deref() else {
-        return Err(Problem::new(ProblemType::BadNonce, "the JWS header has no nonce"));
+        return Err(Problem::new(
+            ProblemType::BadNonce,
+            "the JWS header has no nonce",
+        ));
     };
     if !s.nonces.consume(nonce) {
-        return Err(Problem::new(ProblemType::BadNonce, "the nonce is unknown, expired or already used"));
+        return Err(Problem::new(
+            ProblemType::BadNonce,
+            "the nonce is unknown, expired or already used",
+        ));
     }
     let base = s.base(headers, uri);
     let url = format!("{base}{}", uri.path());
@@ -248,10 +280,15 @@ fn authenticate(s: &AcmeState, headers: &HeaderMap, uri: &Uri, body: &[u8], form
             .transpose()?
             .flatten()
             .ok_or_else(|| {
-                Problem::new(ProblemType::AccountDoesNotExist, format!("no account exists with URL {kid:?}"))
+                Problem::new(
+                    ProblemType::AccountDoesNotExist,
+                    format!("no account exists with URL {kid:?}"),
+                )
             })?;
         if acct.status != Status::Valid {
-            return Err(Problem::unauthorized(format!("account is {:?}", acct.status).to_lowercase()));
+            return Err(Problem::unauthorized(
+                format!("account is {:?}", acct.status).to_lowercase(),
+            ));
         }
         (Jwk::from_value(&acct.jwk)?, Some(acct))
     };
@@ -268,7 +305,10 @@ fn authenticate(s: &AcmeState, headers: &HeaderMap, uri: &Uri, body: &[u8], form
 fn json_response(status: StatusCode, body: &Value, location: Option<&str>) -> Response {
     let mut resp = (status, body.to_string()).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(loc) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
         h.insert(header::LOCATION, loc);
     }
@@ -282,7 +322,8 @@ fn add_link(resp: &mut Response, url: &str, rel: &str) {
 }
 
 fn retry_after(resp: &mut Response) {
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER));
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(POLL_AFTER));
 }
 
 // ---- directory and nonces -------------------------------------------------------------------
@@ -340,7 +381,10 @@ fn account_json(base: &str, a: &AccountRec) -> Value {
 
 fn check_contacts(contacts: &[String]) -> Result<(), Problem> {
     if contacts.len() > 10 {
-        return Err(Problem::new(ProblemType::InvalidContact, "at most 10 contacts"));
+        return Err(Problem::new(
+            ProblemType::InvalidContact,
+            "at most 10 contacts",
+        ));
     }
     for c in contacts {
         let Some(addr) = c.strip_prefix("mailto:") else {
@@ -351,30 +395,53 @@ fn check_contacts(contacts: &[String]) -> Result<(), Problem> {
         };
         let valid = addr.len() <= 254
             && addr.split_once('@').is_some_and(|(l, d)| {
-                !l.is_empty() && !d.is_empty() && !addr.contains([',', '?', ' ', '<', '>']) && d.contains('.')
+                !l.is_empty()
+                    && !d.is_empty()
+                    && !addr.contains([',', '?', ' ', '<', '>'])
+                    && d.contains('.')
             });
         if !valid {
-            return Err(Problem::new(ProblemType::InvalidContact, format!("contact {c:?} is not an email address")));
+            return Err(Problem::new(
+                ProblemType::InvalidContact,
+                format!("contact {c:?} is not an email address"),
+            ));
         }
     }
     Ok(())
 }
 
-async fn new_account(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn new_account(
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Jwk)?;
-    let jwk = req.jwk.clone().ok_or_else(|| Problem::malformed("newAccount requires a jwk"))?;
+    let jwk = req
+        .jwk
+        .clone()
+        .ok_or_else(|| Problem::malformed("newAccount requires a jwk"))?;
     let payload: NewAccountReq = req.json()?;
     let thumbprint = jwk.thumbprint();
     if let Some(existing) = s.store.account_by_thumbprint(&thumbprint)? {
         // RFC 8555 7.3.1: an existing key answers 200 with the account's URL.
         if existing.status != Status::Valid {
-            return Err(Problem::unauthorized("the account for this key is deactivated"));
+            return Err(Problem::unauthorized(
+                "the account for this key is deactivated",
+            ));
         }
         let url = req.account_url(&existing.id);
-        return Ok(json_response(StatusCode::OK, &account_json(&req.base, &existing), Some(&url)));
+        return Ok(json_response(
+            StatusCode::OK,
+            &account_json(&req.base, &existing),
+            Some(&url),
+        ));
     }
     if payload.only_return_existing == Some(true) {
-        return Err(Problem::new(ProblemType::AccountDoesNotExist, "no account exists for this key"));
+        return Err(Problem::new(
+            ProblemType::AccountDoesNotExist,
+            "no account exists for this key",
+        ));
     }
     let contact = payload.contact.unwrap_or_default();
     check_contacts(&contact)?;
@@ -401,14 +468,18 @@ async fn new_account(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: U
     s.store.write(|tx| {
         if tx.account_id_by_thumbprint(&thumbprint)?.is_some() {
             // A concurrent newAccount with the same key won; the client retries and gets 200.
-            return Err(Problem::malformed("an account for this key was created concurrently; retry"));
+            return Err(Problem::malformed(
+                "an account for this key was created concurrently; retry",
+            ));
         }
         if let Some(kid) = &eab_kid {
             let mut eab = tx
                 .get::<EabRec>(kid)?
                 .ok_or_else(|| Problem::unauthorized("unknown external account key id"))?;
             if eab.bound_account.is_some() {
-                return Err(Problem::unauthorized("this external account key is already bound to an account"));
+                return Err(Problem::unauthorized(
+                    "this external account key is already bound to an account",
+                ));
             }
             eab.bound_account = Some(acct.id.clone());
             tx.put(&eab)?;
@@ -419,7 +490,11 @@ async fn new_account(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: U
     })?;
     tracing::info!(account = %acct.id, eab = ?acct.eab_kid, "ACME account created");
     let url = req.account_url(&acct.id);
-    Ok(json_response(StatusCode::CREATED, &account_json(&req.base, &acct), Some(&url)))
+    Ok(json_response(
+        StatusCode::CREATED,
+        &account_json(&req.base, &acct),
+        Some(&url),
+    ))
 }
 
 /// Verifies an External Account Binding (RFC 8555 7.3.4) and returns its key id.
@@ -431,24 +506,33 @@ fn check_eab(s: &AcmeState, req: &Authed, jwk: &Jwk, eab: &Value) -> Result<Stri
         .clone()
         .ok_or_else(|| Problem::malformed("external account binding has no kid"))?;
     if inner.header.nonce.is_some() {
-        return Err(Problem::malformed("external account binding must not carry a nonce"));
+        return Err(Problem::malformed(
+            "external account binding must not carry a nonce",
+        ));
     }
     if inner.header.url.as_deref() != Some(req.url.as_str()) {
-        return Err(Problem::unauthorized("external account binding url must be the newAccount URL"));
+        return Err(Problem::unauthorized(
+            "external account binding url must be the newAccount URL",
+        ));
     }
     let rec = s
         .store
         .get::<EabRec>(&kid)?
         .ok_or_else(|| Problem::unauthorized(format!("unknown external account key id {kid:?}")))?;
     if rec.bound_account.is_some() {
-        return Err(Problem::unauthorized("this external account key is already bound to an account"));
+        return Err(Problem::unauthorized(
+            "this external account key is already bound to an account",
+        ));
     }
-    let key = b64url_decode(&rec.key).ok_or_else(|| Problem::internal("stored EAB key is corrupt"))?;
+    let key =
+        b64url_decode(&rec.key).ok_or_else(|| Problem::internal("stored EAB key is corrupt"))?;
     inner.verify_hmac(&key)?;
     let bound: Value = serde_json::from_slice(&inner.payload)
         .map_err(|_| Problem::malformed("external account binding payload is not a JWK"))?;
     if Jwk::from_value(&bound)? != *jwk {
-        return Err(Problem::unauthorized("external account binding is for a different account key"));
+        return Err(Problem::unauthorized(
+            "external account binding is for a different account key",
+        ));
     }
     Ok(kid)
 }
@@ -459,11 +543,19 @@ struct AccountUpdate {
     contact: Option<Vec<String>>,
 }
 
-async fn account(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn account(
+    Path(id): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let me = req.account()?;
     if me.id != id {
-        return Err(Problem::unauthorized("an account can only be read or changed by its own key"));
+        return Err(Problem::unauthorized(
+            "an account can only be read or changed by its own key",
+        ));
     }
     let mut acct = me.clone();
     if !req.is_post_as_get() {
@@ -474,10 +566,16 @@ async fn account(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, header
         match upd.status {
             None => {}
             Some(Status::Deactivated) => {}
-            Some(other) => return Err(Problem::malformed(format!("cannot set account status to {other:?}"))),
+            Some(other) => {
+                return Err(Problem::malformed(format!(
+                    "cannot set account status to {other:?}"
+                )))
+            }
         }
         acct = s.store.write(|tx| {
-            let mut a = tx.get::<AccountRec>(&id)?.ok_or_else(|| Problem::not_found("account"))?;
+            let mut a = tx
+                .get::<AccountRec>(&id)?
+                .ok_or_else(|| Problem::not_found("account"))?;
             if let Some(c) = upd.contact {
                 a.contact = c;
             }
@@ -492,13 +590,25 @@ async fn account(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, header
         }
     }
     let url = req.account_url(&id);
-    Ok(json_response(StatusCode::OK, &account_json(&req.base, &acct), Some(&url)))
+    Ok(json_response(
+        StatusCode::OK,
+        &account_json(&req.base, &acct),
+        Some(&url),
+    ))
 }
 
-async fn account_orders(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn account_orders(
+    Path(id): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     if req.account()?.id != id {
-        return Err(Problem::unauthorized("an account's orders can only be listed by its own key"));
+        return Err(Problem::unauthorized(
+            "an account's orders can only be listed by its own key",
+        ));
     }
     let now = unix_now();
     let mut orders: Vec<OrderRec> = s
@@ -508,26 +618,47 @@ async fn account_orders(Path(id): Path<String>, State(s): State<Arc<AcmeState>>,
         .filter(|o| o.account == id && effective_order_status(o, now) != Status::Invalid)
         .collect();
     orders.sort_by_key(|o| o.created);
-    let urls: Vec<String> = orders.iter().map(|o| format!("{}/acme/order/{}", req.base, o.id)).collect();
-    Ok(json_response(StatusCode::OK, &json!({ "orders": urls }), None))
+    let urls: Vec<String> = orders
+        .iter()
+        .map(|o| format!("{}/acme/order/{}", req.base, o.id))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "orders": urls }),
+        None,
+    ))
 }
 
-async fn key_change(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn key_change(
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let acct = req.account()?.clone();
     let inner_value: Value = req.json()?;
     let inner = Jws::parse_value(&inner_value)?;
     if !SUPPORTED_ALGS.contains(&inner.header.alg.as_str()) {
-        let mut p = Problem::new(ProblemType::BadSignatureAlgorithm, "inner JWS algorithm is not supported");
+        let mut p = Problem::new(
+            ProblemType::BadSignatureAlgorithm,
+            "inner JWS algorithm is not supported",
+        );
         p.algorithms = Some(SUPPORTED_ALGS.to_vec());
         return Err(p);
     }
     let new_key = match (&inner.header.jwk, &inner.header.kid) {
         (Some(jwk), None) => Jwk::from_value(jwk)?,
-        _ => return Err(Problem::malformed("the inner keyChange JWS must carry a jwk and no kid")),
+        _ => {
+            return Err(Problem::malformed(
+                "the inner keyChange JWS must carry a jwk and no kid",
+            ))
+        }
     };
     if inner.header.url.as_deref() != Some(req.url.as_str()) {
-        return Err(Problem::malformed("the inner keyChange JWS url must equal the outer url"));
+        return Err(Problem::malformed(
+            "the inner keyChange JWS url must equal the outer url",
+        ));
     }
     inner.verify(&new_key)?;
     #[derive(Deserialize)]
@@ -539,19 +670,26 @@ async fn key_change(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Ur
     let kc: KeyChange = serde_json::from_slice(&inner.payload)
         .map_err(|e| Problem::malformed(format!("inner keyChange payload: {e}")))?;
     if kc.account != req.account_url(&acct.id) {
-        return Err(Problem::malformed("keyChange account does not match the signing account"));
+        return Err(Problem::malformed(
+            "keyChange account does not match the signing account",
+        ));
     }
     if Jwk::from_value(&kc.old_key)?.thumbprint() != acct.thumbprint {
-        return Err(Problem::malformed("keyChange oldKey is not the account's current key"));
+        return Err(Problem::malformed(
+            "keyChange oldKey is not the account's current key",
+        ));
     }
     let new_thumb = new_key.thumbprint();
     let updated = s.store.write(|tx| {
         if let Some(other) = tx.account_id_by_thumbprint(&new_thumb)? {
-            let mut p = Problem::malformed("the new key is already in use by an account").with_status(StatusCode::CONFLICT);
+            let mut p = Problem::malformed("the new key is already in use by an account")
+                .with_status(StatusCode::CONFLICT);
             p.location = Some(req.account_url(&other));
             return Err(p);
         }
-        let mut a = tx.get::<AccountRec>(&acct.id)?.ok_or_else(|| Problem::not_found("account"))?;
+        let mut a = tx
+            .get::<AccountRec>(&acct.id)?
+            .ok_or_else(|| Problem::not_found("account"))?;
         tx.remove_account_key(&a.thumbprint)?;
         a.thumbprint = new_thumb.clone();
         a.jwk = new_key.to_value();
@@ -561,7 +699,11 @@ async fn key_change(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Ur
     })?;
     tracing::info!(account = %updated.id, "ACME account key changed");
     let url = req.account_url(&updated.id);
-    Ok(json_response(StatusCode::OK, &account_json(&req.base, &updated), Some(&url)))
+    Ok(json_response(
+        StatusCode::OK,
+        &account_json(&req.base, &updated),
+        Some(&url),
+    ))
 }
 
 // ---- orders ---------------------------------------------------------------------------------
@@ -590,12 +732,18 @@ pub(crate) fn check_identifier(policy: &Policy, id: &Identifier) -> Result<Ident
                 ));
             }
             if !is_dns_name(&name) {
-                return Err(Problem::new(ProblemType::RejectedIdentifier, format!("{:?} is not a valid DNS name", id.value)));
+                return Err(Problem::new(
+                    ProblemType::RejectedIdentifier,
+                    format!("{:?} is not a valid DNS name", id.value),
+                ));
             }
             if !policy.permits_dns(&name) {
                 return Err(Problem::new(
                     ProblemType::RejectedIdentifier,
-                    format!("{name} is outside the domains this CA may certify ({})", policy.domains().join(", ")),
+                    format!(
+                        "{name} is outside the domains this CA may certify ({})",
+                        policy.domains().join(", ")
+                    ),
                 ));
             }
             Ok(Identifier {
@@ -604,15 +752,20 @@ pub(crate) fn check_identifier(policy: &Policy, id: &Identifier) -> Result<Ident
             })
         }
         "ip" => {
-            let ip: IpAddr = id
-                .value
-                .parse()
-                .map_err(|_| Problem::new(ProblemType::RejectedIdentifier, format!("{:?} is not an IP address", id.value)))?;
+            let ip: IpAddr = id.value.parse().map_err(|_| {
+                Problem::new(
+                    ProblemType::RejectedIdentifier,
+                    format!("{:?} is not an IP address", id.value),
+                )
+            })?;
             if !policy.permits_ip(ip) {
                 let nets: Vec<String> = policy.networks().iter().map(|n| n.to_string()).collect();
                 return Err(Problem::new(
                     ProblemType::RejectedIdentifier,
-                    format!("{ip} is outside the networks this CA may certify ({})", nets.join(", ")),
+                    format!(
+                        "{ip} is outside the networks this CA may certify ({})",
+                        nets.join(", ")
+                    ),
                 ));
             }
             Ok(Identifier {
@@ -664,7 +817,10 @@ fn order_json(base: &str, o: &OrderRec) -> Value {
 fn order_response(base: &str, o: &OrderRec, status: StatusCode) -> Response {
     let url = format!("{base}/acme/order/{}", o.id);
     let mut resp = json_response(status, &order_json(base, o), Some(&url));
-    if matches!(effective_order_status(o, unix_now()), Status::Pending | Status::Processing) {
+    if matches!(
+        effective_order_status(o, unix_now()),
+        Status::Pending | Status::Processing
+    ) {
         retry_after(&mut resp);
     }
     resp
@@ -678,16 +834,25 @@ fn parse_cert_id(id: &str) -> Option<(Vec<u8>, String)> {
     (!serial.is_empty()).then(|| (aki, hex::encode(serial)))
 }
 
-async fn new_order(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn new_order(
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let acct = req.account()?.clone();
     let payload: NewOrderReq = req.json()?;
     if payload.identifiers.is_empty() || payload.identifiers.len() > MAX_IDENTIFIERS {
-        return Err(Problem::malformed(format!("an order needs 1 to {MAX_IDENTIFIERS} identifiers")));
+        return Err(Problem::malformed(format!(
+            "an order needs 1 to {MAX_IDENTIFIERS} identifiers"
+        )));
     }
     if payload.not_before.is_some() || payload.not_after.is_some() {
         // Lifetimes are the CA's policy (leaf_lifetime); RFC 8555 7.4 lets the server refuse.
-        return Err(Problem::malformed("notBefore/notAfter are not supported; leaves get the CA's configured lifetime"));
+        return Err(Problem::malformed(
+            "notBefore/notAfter are not supported; leaves get the CA's configured lifetime",
+        ));
     }
     let mut identifiers: Vec<Identifier> = Vec::new();
     for id in &payload.identifiers {
@@ -697,13 +862,15 @@ async fn new_order(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri
         }
     }
     if let Some(r) = &payload.replaces {
-        let (_, serial) = parse_cert_id(r).ok_or_else(|| Problem::malformed("replaces is not an RFC 9773 certID"))?;
-        let cert = s
-            .store
-            .get::<CertRec>(&serial)?
-            .ok_or_else(|| Problem::malformed("replaces names a certificate this CA did not issue"))?;
+        let (_, serial) = parse_cert_id(r)
+            .ok_or_else(|| Problem::malformed("replaces is not an RFC 9773 certID"))?;
+        let cert = s.store.get::<CertRec>(&serial)?.ok_or_else(|| {
+            Problem::malformed("replaces names a certificate this CA did not issue")
+        })?;
         if cert.account.as_deref() != Some(acct.id.as_str()) {
-            return Err(Problem::unauthorized("replaces names a certificate of another account"));
+            return Err(Problem::unauthorized(
+                "replaces names a certificate of another account",
+            ));
         }
     }
     let now = unix_now();
@@ -752,112 +919,68 @@ async fn new_order(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri
 }
 
 fn owned_order(s: &AcmeState, req: &Authed, id: &str) -> Result<OrderRec, Problem> {
-    let o = s.store.get::<OrderRec>(id)?.ok_or_else(|| Problem::not_found("order"))?;
+    let o = s
+        .store
+        .get::<OrderRec>(id)?
+        .ok_or_else(|| Problem::not_found("order"))?;
     if o.account != req.account()?.id {
-        return Err(Problem::unauthorized("this order belongs to another account"));
+        return Err(Problem::unauthorized(
+            "this order belongs to another account",
+        ));
     }
     Ok(o)
 }
 
-async fn order(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn order(
+    Path(id): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     if !req.is_post_as_get() {
-        return Err(Problem::malformed("orders are read with POST-as-GET (empty payload)"));
+        return Err(Problem::malformed(
+            "orders are read with POST-as-GET (empty payload)",
+        ));
     }
     let o = owned_order(&s, &req, &id)?;
     Ok(order_response(&req.base, &o, StatusCode::OK))
 }
 
-/// What finalize checks in a CSR (RFC 8555 7.4): signature, key type, exactly the order's names.
-struct CheckedCsr {
-    spki: rcgen::SubjectPublicKeyInfo,
-    names: Vec<SubjectName>,
-    rsa: bool,
-}
-
-fn check_csr(der: &[u8], order: &OrderRec, account_key: &Jwk) -> Result<CheckedCsr, Problem> {
-    use x509_parser::certification_request::X509CertificationRequest;
-    use x509_parser::extensions::{GeneralName, ParsedExtension};
+/// The CSR checks phoenix-pki cannot make: its key must not be the account key (RFC 8555
+/// 11.1). Signature, key type and the exact name set are checked by `issue_from_csr`.
+fn check_csr_key(der: &[u8], account_key: &Jwk) -> Result<(), Problem> {
     use x509_parser::prelude::FromDer;
-    use x509_parser::public_key::PublicKey;
-
-    let bad = |m: String| Problem::new(ProblemType::BadCsr, m);
-    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| bad(format!("CSR does not parse: {e}")))?;
-    if !rest.is_empty() {
-        return Err(bad("trailing data after the CSR".into()));
+    let info = phoenix_pki::parse_csr(der)
+        .map_err(|e| Problem::new(ProblemType::BadCsr, e.to_string()))?;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&info.spki_der)
+        .map_err(|e| Problem::new(ProblemType::BadCsr, format!("CSR public key: {e}")))?;
+    if account_key.matches_spki(&spki) {
+        return Err(Problem::new(
+            ProblemType::BadCsr,
+            "the certificate key must not be the account key",
+        ));
     }
-    csr.verify_signature().map_err(|_| bad("CSR signature does not verify".into()))?;
-    let info = &csr.certification_request_info;
-    let spki = &info.subject_pki;
-    let rsa = match spki.parsed() {
-        Ok(PublicKey::EC(_)) => {
-            let curve = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .map(|o| o.to_id_string())
-                .unwrap_or_default();
-            if curve != "1.2.840.10045.3.1.7" && curve != "1.3.132.0.34" {
-                return Err(bad("EC keys must use P-256 or P-384".into()));
-            }
-            false
-        }
-        Ok(PublicKey::RSA(k)) => {
-            if !(2048..=8192).contains(&k.key_size()) {
-                return Err(bad(format!("RSA keys must be 2048 to 8192 bits, not {}", k.key_size())));
-            }
-            true
-        }
-        _ if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => false,
-        _ => return Err(bad("unsupported key type (use EC P-256/P-384, RSA or Ed25519)".into())),
-    };
-    if account_key.matches_spki(spki) {
-        return Err(bad("the certificate key must not be the account key".into()));
-    }
-    let mut names: BTreeSet<SubjectName> = BTreeSet::new();
-    for cn in info.subject.iter_common_name() {
-        let cn = cn.as_str().map_err(|_| bad("CSR common name is not a string".into()))?;
-        names.insert(match cn.parse::<IpAddr>() {
-            Ok(ip) => SubjectName::Ip(ip),
-            Err(_) => SubjectName::Dns(cn.to_ascii_lowercase()),
-        });
-    }
-    for ext in csr.requested_extensions().into_iter().flatten() {
-        if let ParsedExtension::SubjectAlternativeName(san) = ext {
-            for gn in &san.general_names {
-                match gn {
-                    GeneralName::DNSName(d) => {
-                        names.insert(SubjectName::Dns(d.to_ascii_lowercase()));
-                    }
-                    GeneralName::IPAddress(b) => {
-                        let ip = crate::authority::ip_from_bytes(b).ok_or_else(|| bad("malformed IP address in CSR".into()))?;
-                        names.insert(SubjectName::Ip(ip));
-                    }
-                    other => return Err(bad(format!("unsupported name in CSR: {other:?}"))),
-                }
-            }
-        }
-    }
-    let wanted: BTreeSet<SubjectName> = order.identifiers.iter().map(identifier_name).collect();
-    if names != wanted {
-        let fmt = |set: &BTreeSet<SubjectName>| set.iter().map(SubjectName::to_text).collect::<Vec<_>>().join(", ");
-        return Err(bad(format!(
-            "the CSR must name exactly the order's identifiers [{}], it names [{}]",
-            fmt(&wanted),
-            fmt(&names)
-        )));
-    }
-    let spki = rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| bad(format!("CSR public key: {e}")))?;
-    Ok(CheckedCsr {
-        spki,
-        // Order identifiers' order, so the first DNS name becomes the subject CN.
-        names: order.identifiers.iter().map(identifier_name).collect(),
-        rsa,
-    })
+    Ok(())
 }
 
-async fn finalize(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+fn issuance_problem(e: phoenix_pki::PkiError) -> Problem {
+    use phoenix_pki::PkiError;
+    match e {
+        PkiError::BadCsr(m) | PkiError::UnsupportedKey(m) => Problem::new(ProblemType::BadCsr, m),
+        PkiError::Rejected(m) => Problem::new(ProblemType::RejectedIdentifier, m),
+        other => Problem::from(crate::CaError::Pki(other.to_string())),
+    }
+}
+
+async fn finalize(
+    Path(id): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let acct = req.account()?.clone();
     let o = owned_order(&s, &req, &id)?;
@@ -865,7 +988,8 @@ async fn finalize(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, heade
     if status != Status::Ready {
         return Err(Problem::new(
             ProblemType::OrderNotReady,
-            format!("the order is {status:?}, not ready; complete its authorizations first").to_lowercase(),
+            format!("the order is {status:?}, not ready; complete its authorizations first")
+                .to_lowercase(),
         ));
     }
     #[derive(Deserialize)]
@@ -875,11 +999,16 @@ async fn finalize(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, heade
     let payload: FinalizeReq = req.json()?;
     let der = b64url_decode(payload.csr.trim_end_matches('='))
         .ok_or_else(|| Problem::new(ProblemType::BadCsr, "csr is not base64url"))?;
-    let csr = check_csr(&der, &o, &Jwk::from_value(&acct.jwk)?)?;
-    let leaf = s.authority.issue_leaf(&csr.spki, &csr.names, s.cfg.leaf_lifetime, csr.rsa)?;
+    check_csr_key(&der, &Jwk::from_value(&acct.jwk)?)?;
+    // Order identifiers' order, so the first DNS name becomes the subject CN.
+    let names: Vec<SubjectName> = o.identifiers.iter().map(identifier_name).collect();
+    let leaf = s
+        .authority
+        .issue_from_csr(&der, &names, s.cfg.leaf_lifetime)
+        .map_err(issuance_problem)?;
     let cert = CertRec {
         serial: leaf.serial.clone(),
-        names: csr.names.iter().map(SubjectName::to_text).collect(),
+        names: names.iter().map(SubjectName::to_text).collect(),
         not_before: leaf.not_before.unix_timestamp(),
         not_after: leaf.not_after.unix_timestamp(),
         account: Some(acct.id.clone()),
@@ -889,9 +1018,14 @@ async fn finalize(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, heade
         reason: None,
     };
     let updated = s.store.write(|tx| {
-        let mut o = tx.get::<OrderRec>(&id)?.ok_or_else(|| Problem::not_found("order"))?;
+        let mut o = tx
+            .get::<OrderRec>(&id)?
+            .ok_or_else(|| Problem::not_found("order"))?;
         if o.status != Status::Ready {
-            return Err(Problem::new(ProblemType::OrderNotReady, "the order was finalized concurrently"));
+            return Err(Problem::new(
+                ProblemType::OrderNotReady,
+                "the order was finalized concurrently",
+            ));
         }
         if tx.get::<CertRec>(&cert.serial)?.is_some() {
             return Err(Problem::internal("serial collision; retry"));
@@ -934,25 +1068,43 @@ fn authz_json(base: &str, a: &AuthzRec) -> Value {
 }
 
 fn owned_authz(s: &AcmeState, req: &Authed, id: &str) -> Result<AuthzRec, Problem> {
-    let a = s.store.get::<AuthzRec>(id)?.ok_or_else(|| Problem::not_found("authorization"))?;
+    let a = s
+        .store
+        .get::<AuthzRec>(id)?
+        .ok_or_else(|| Problem::not_found("authorization"))?;
     if a.account != req.account()?.id {
-        return Err(Problem::unauthorized("this authorization belongs to another account"));
+        return Err(Problem::unauthorized(
+            "this authorization belongs to another account",
+        ));
     }
     Ok(a)
 }
 
-async fn authorization(Path(id): Path<String>, State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn authorization(
+    Path(id): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let mut a = owned_authz(&s, &req, &id)?;
     if !req.is_post_as_get() {
         let upd: AccountUpdate = req.json()?;
         if upd.status != Some(Status::Deactivated) {
-            return Err(Problem::malformed("the only change allowed on an authorization is {\"status\":\"deactivated\"}"));
+            return Err(Problem::malformed(
+                "the only change allowed on an authorization is {\"status\":\"deactivated\"}",
+            ));
         }
         a = s.store.write(|tx| {
-            let mut a = tx.get::<AuthzRec>(&id)?.ok_or_else(|| Problem::not_found("authorization"))?;
+            let mut a = tx
+                .get::<AuthzRec>(&id)?
+                .ok_or_else(|| Problem::not_found("authorization"))?;
             if !matches!(a.status, Status::Pending | Status::Valid) {
-                return Err(Problem::malformed(format!("cannot deactivate a {:?} authorization", a.status)));
+                return Err(Problem::malformed(format!(
+                    "cannot deactivate a {:?} authorization",
+                    a.status
+                )));
             }
             a.status = Status::Deactivated;
             tx.put(&a)?;
@@ -993,8 +1145,13 @@ async fn challenge(
         // RFC 8555 7.5.1: the client says it is ready with an empty JSON object.
         let _: serde_json::Map<String, Value> = req.json()?;
         s.store.write(|tx| {
-            let mut a = tx.get::<AuthzRec>(&authz_id)?.ok_or_else(|| Problem::not_found("authorization"))?;
-            let busy = a.challenges.iter().any(|c| c.status == Status::Processing && c.kind != kind);
+            let mut a = tx
+                .get::<AuthzRec>(&authz_id)?
+                .ok_or_else(|| Problem::not_found("authorization"))?;
+            let busy = a
+                .challenges
+                .iter()
+                .any(|c| c.status == Status::Processing && c.kind != kind);
             if a.status == Status::Pending && !busy {
                 if let Some(c) = a.challenges.iter_mut().find(|c| c.kind == kind) {
                     match c.status {
@@ -1022,8 +1179,16 @@ async fn challenge(
         .find(|c| c.kind == kind)
         .ok_or_else(|| Problem::not_found("challenge"))?;
     let url = format!("{}/acme/chall/{authz_id}/{kind}", req.base);
-    let mut resp = json_response(StatusCode::OK, &challenge_json(&req.base, &authz_id, c), Some(&url));
-    add_link(&mut resp, &format!("{}/acme/authz/{authz_id}", req.base), "up");
+    let mut resp = json_response(
+        StatusCode::OK,
+        &challenge_json(&req.base, &authz_id, c),
+        Some(&url),
+    );
+    add_link(
+        &mut resp,
+        &format!("{}/acme/authz/{authz_id}", req.base),
+        "up",
+    );
     if c.status == Status::Processing {
         retry_after(&mut resp);
     }
@@ -1038,26 +1203,46 @@ fn cert_der(c: &CertRec) -> Result<Vec<u8>, Problem> {
         .map_err(|_| Problem::internal("stored certificate is corrupt"))
 }
 
-async fn certificate(Path(serial): Path<String>, State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn certificate(
+    Path(serial): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     if !req.is_post_as_get() {
-        return Err(Problem::malformed("certificates are downloaded with POST-as-GET (empty payload)"));
+        return Err(Problem::malformed(
+            "certificates are downloaded with POST-as-GET (empty payload)",
+        ));
     }
-    let c = s.store.get::<CertRec>(&serial)?.ok_or_else(|| Problem::not_found("certificate"))?;
+    let c = s
+        .store
+        .get::<CertRec>(&serial)?
+        .ok_or_else(|| Problem::not_found("certificate"))?;
     if c.account.as_deref() != Some(req.account()?.id.as_str()) {
-        return Err(Problem::unauthorized("this certificate belongs to another account"));
+        return Err(Problem::unauthorized(
+            "this certificate belongs to another account",
+        ));
     }
     let pem = s.authority.chain_pem(&cert_der(&c)?);
     let mut resp = (StatusCode::OK, pem).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/pem-certificate-chain"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/pem-certificate-chain"),
+    );
     Ok(resp)
 }
 
 /// CRL reason codes a subscriber may give (RFC 5280 5.3.1 minus CA-only and CRL-only ones).
 const ALLOWED_REASONS: &[i64] = &[0, 1, 3, 4, 5, 9];
 
-async fn revoke_cert(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Result<Response, Problem> {
+async fn revoke_cert(
+    State(s): State<Arc<AcmeState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Bytes,
+) -> Result<Response, Problem> {
     let req = authenticate(&s, &headers, &uri, &body, KeyForm::Either)?;
     #[derive(Deserialize)]
     struct RevokeReq {
@@ -1072,8 +1257,10 @@ async fn revoke_cert(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: U
             format!("reason {reason} is not allowed; use one of {ALLOWED_REASONS:?}"),
         ));
     }
-    let der = b64url_decode(&payload.certificate).ok_or_else(|| Problem::malformed("certificate is not base64url"))?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|_| Problem::malformed("certificate does not parse"))?;
+    let der = b64url_decode(&payload.certificate)
+        .ok_or_else(|| Problem::malformed("certificate is not base64url"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|_| Problem::malformed("certificate does not parse"))?;
     let serial = hex::encode(parsed.raw_serial());
     let rec = s
         .store
@@ -1082,19 +1269,31 @@ async fn revoke_cert(State(s): State<Arc<AcmeState>>, headers: HeaderMap, uri: U
         .ok_or_else(|| Problem::not_found("certificate").with_status(StatusCode::NOT_FOUND))?;
     match (&req.account, &req.jwk) {
         (Some(acct), _) if rec.account.as_deref() == Some(acct.id.as_str()) => {}
-        (Some(_), _) => return Err(Problem::unauthorized("this account does not own the certificate")),
+        (Some(_), _) => {
+            return Err(Problem::unauthorized(
+                "this account does not own the certificate",
+            ))
+        }
         (None, Some(jwk)) if jwk.matches_spki(parsed.public_key()) => {}
-        _ => return Err(Problem::unauthorized("the JWS key is not the certificate's key")),
+        _ => {
+            return Err(Problem::unauthorized(
+                "the JWS key is not the certificate's key",
+            ))
+        }
     }
     s.store.write(|tx| {
-        let mut c = tx.get::<CertRec>(&serial)?.ok_or_else(|| Problem::not_found("certificate"))?;
+        let mut c = tx
+            .get::<CertRec>(&serial)?
+            .ok_or_else(|| Problem::not_found("certificate"))?;
         if c.revoked_at.is_some() {
-            return Err(Problem::new(ProblemType::AlreadyRevoked, format!("certificate {serial} is already revoked")));
+            return Err(Problem::new(
+                ProblemType::AlreadyRevoked,
+                format!("certificate {serial} is already revoked"),
+            ));
         }
         c.revoked_at = Some(unix_now());
         c.reason = Some(reason as u8);
-        tx.put(&c)
-            .map_err(Problem::from)
+        tx.put(&c).map_err(Problem::from)
     })?;
     tracing::info!(serial = %serial, reason, "certificate revoked over ACME");
     Ok(StatusCode::OK.into_response())
@@ -1111,12 +1310,19 @@ pub(crate) fn renewal_window(c: &CertRec, now: i64) -> (i64, i64) {
     (centre - life / 20, centre + life / 20)
 }
 
-async fn renewal_info(Path(id): Path<String>, State(s): State<Arc<AcmeState>>) -> Result<Response, Problem> {
-    let (aki, serial) = parse_cert_id(&id).ok_or_else(|| Problem::malformed("not an RFC 9773 certID"))?;
+async fn renewal_info(
+    Path(id): Path<String>,
+    State(s): State<Arc<AcmeState>>,
+) -> Result<Response, Problem> {
+    let (aki, serial) =
+        parse_cert_id(&id).ok_or_else(|| Problem::malformed("not an RFC 9773 certID"))?;
     if aki != s.authority.intermediate_key_id() {
         return Err(Problem::not_found("certificate"));
     }
-    let c = s.store.get::<CertRec>(&serial)?.ok_or_else(|| Problem::not_found("certificate"))?;
+    let c = s
+        .store
+        .get::<CertRec>(&serial)?
+        .ok_or_else(|| Problem::not_found("certificate"))?;
     let (start, end) = renewal_window(&c, unix_now());
     let body = json!({"suggestedWindow": {"start": rfc3339(start), "end": rfc3339(end)}});
     let mut resp = json_response(StatusCode::OK, &body, None);
@@ -1132,8 +1338,10 @@ async fn renewal_info(Path(id): Path<String>, State(s): State<Arc<AcmeState>>) -
 
 fn pem_response(pem: String) -> Response {
     let mut resp = (StatusCode::OK, pem).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-pem-file"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-pem-file"),
+    );
     resp
 }
 
@@ -1161,8 +1369,10 @@ async fn crl(State(s): State<Arc<AcmeState>>) -> Result<Response, Problem> {
         .collect();
     let der = s.authority.crl(&revoked)?;
     let mut resp = (StatusCode::OK, der).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/pkix-crl"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/pkix-crl"),
+    );
     Ok(resp)
 }
 
@@ -1184,7 +1394,10 @@ mod tests {
             reason: None,
         };
         let (start, end) = renewal_window(&c, 10);
-        assert!(start < 2000 && 2000 < end && start > 1500 && end < 2500, "{start}..{end}");
+        assert!(
+            start < 2000 && 2000 < end && start > 1500 && end < 2500,
+            "{start}..{end}"
+        );
         c.revoked_at = Some(5);
         let (_, end) = renewal_window(&c, 10);
         assert!(end <= 10);

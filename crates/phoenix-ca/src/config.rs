@@ -111,10 +111,16 @@ impl CaConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.data_dir.as_os_str().is_empty() {
-            problems.push("ca.data_dir is empty: set it to a directory such as \"/var/lib/phoenix/ca\"".to_owned());
+            problems.push(
+                "ca.data_dir is empty: set it to a directory such as \"/var/lib/phoenix/ca\""
+                    .to_owned(),
+            );
         }
         if self.name.trim().is_empty() || self.name.len() > 64 {
-            problems.push("ca.name must be 1 to 64 characters (it becomes the CA certificates' subject)".to_owned());
+            problems.push(
+                "ca.name must be 1 to 64 characters (it becomes the CA certificates' subject)"
+                    .to_owned(),
+            );
         }
         if self.domains.is_empty() && self.networks.is_empty() {
             problems.push(
@@ -136,12 +142,16 @@ impl CaConfig {
                     problems.push(format!("ca.names: {n} is outside ca.networks; the CA's own certificate could not chain through its name-constrained intermediate"));
                 }
             } else if !is_dns_name(n) {
-                problems.push(format!("ca.names: {n:?} is not a valid DNS name or IP address"));
+                problems.push(format!(
+                    "ca.names: {n:?} is not a valid DNS name or IP address"
+                ));
             } else if !policy.permits_dns(n) {
                 problems.push(format!("ca.names: {n} is outside ca.domains; the CA's own certificate could not chain through its name-constrained intermediate"));
             }
         }
-        if self.leaf_lifetime < Duration::from_secs(300) || self.leaf_lifetime > Duration::from_secs(398 * 86400) {
+        if self.leaf_lifetime < Duration::from_secs(300)
+            || self.leaf_lifetime > Duration::from_secs(398 * 86400)
+        {
             problems.push(format!(
                 "ca.leaf_lifetime = {} is out of range: use between 5m and 398d",
                 humantime::format_duration(self.leaf_lifetime)
@@ -192,7 +202,9 @@ pub(crate) fn is_dns_name(name: &str) -> bool {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     })
 }
 
@@ -214,10 +226,12 @@ impl Policy {
     /// `name` must already be lowercase.
     pub(crate) fn permits_dns(&self, name: &str) -> bool {
         is_dns_name(name)
-            && self
-                .domains
-                .iter()
-                .any(|d| name == d || name.strip_suffix(d.as_str()).is_some_and(|p| p.ends_with('.')))
+            && self.domains.iter().any(|d| {
+                name == d
+                    || name
+                        .strip_suffix(d.as_str())
+                        .is_some_and(|p| p.ends_with('.'))
+            })
     }
 
     pub(crate) fn permits_ip(&self, ip: IpAddr) -> bool {

@@ -16,11 +16,15 @@ use sha2::{Digest, Sha256};
 use crate::problem::{Problem, ProblemType};
 
 /// Signature algorithms accepted on ACME requests (listed in badSignatureAlgorithm problems).
-pub(crate) const SUPPORTED_ALGS: &[&str] = &["ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA"];
+pub(crate) const SUPPORTED_ALGS: &[&str] = &[
+    "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA",
+];
 
 pub(crate) fn b64url_decode(s: &str) -> Option<Vec<u8>> {
     // RFC 7515 2: base64url without padding; reject padding rather than guess.
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
 }
 
 pub(crate) fn b64url(bytes: &[u8]) -> String {
@@ -58,28 +62,31 @@ pub(crate) struct Jws {
 
 impl Jws {
     pub(crate) fn parse(body: &[u8]) -> Result<Jws, Problem> {
-        let f: Flattened =
-            serde_json::from_slice(body).map_err(|e| Problem::malformed(format!("request is not a flattened JWS: {e}")))?;
+        let f: Flattened = serde_json::from_slice(body)
+            .map_err(|e| Problem::malformed(format!("request is not a flattened JWS: {e}")))?;
         Jws::from_flattened(f)
     }
 
     pub(crate) fn parse_value(v: &Value) -> Result<Jws, Problem> {
-        let f: Flattened =
-            serde_json::from_value(v.clone()).map_err(|e| Problem::malformed(format!("not a flattened JWS: {e}")))?;
+        let f: Flattened = serde_json::from_value(v.clone())
+            .map_err(|e| Problem::malformed(format!("not a flattened JWS: {e}")))?;
         Jws::from_flattened(f)
     }
 
     fn from_flattened(f: Flattened) -> Result<Jws, Problem> {
         if f.header.is_some() {
-            return Err(Problem::malformed("JWS unprotected header is not allowed (RFC 8555 6.2)"));
+            return Err(Problem::malformed(
+                "JWS unprotected header is not allowed (RFC 8555 6.2)",
+            ));
         }
-        let header_bytes =
-            b64url_decode(&f.protected).ok_or_else(|| Problem::malformed("JWS protected header is not base64url"))?;
+        let header_bytes = b64url_decode(&f.protected)
+            .ok_or_else(|| Problem::malformed("JWS protected header is not base64url"))?;
         let header: ProtectedHeader = serde_json::from_slice(&header_bytes)
             .map_err(|e| Problem::malformed(format!("JWS protected header is invalid: {e}")))?;
-        let payload = b64url_decode(&f.payload).ok_or_else(|| Problem::malformed("JWS payload is not base64url"))?;
-        let signature =
-            b64url_decode(&f.signature).ok_or_else(|| Problem::malformed("JWS signature is not base64url"))?;
+        let payload = b64url_decode(&f.payload)
+            .ok_or_else(|| Problem::malformed("JWS payload is not base64url"))?;
+        let signature = b64url_decode(&f.signature)
+            .ok_or_else(|| Problem::malformed("JWS signature is not base64url"))?;
         let signing_input = format!("{}.{}", f.protected, f.payload).into_bytes();
         Ok(Jws {
             header,
@@ -108,24 +115,42 @@ impl Jws {
                 ))
             }
         };
-        hmac::verify(&hmac::Key::new(alg, key), &self.signing_input, &self.signature)
-            .map_err(|_| Problem::unauthorized("external account binding MAC does not verify"))
+        hmac::verify(
+            &hmac::Key::new(alg, key),
+            &self.signing_input,
+            &self.signature,
+        )
+        .map_err(|_| Problem::unauthorized("external account binding MAC does not verify"))
     }
 }
 
 /// A public key from a JWK (RFC 7517/7518), with the members the thumbprint covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Jwk {
-    Ec { crv: &'static str, x: Vec<u8>, y: Vec<u8> },
-    Rsa { n: Vec<u8>, e: Vec<u8> },
-    Ed25519 { x: Vec<u8> },
+    Ec {
+        crv: &'static str,
+        x: Vec<u8>,
+        y: Vec<u8>,
+    },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
+    Ed25519 {
+        x: Vec<u8>,
+    },
 }
 
 fn member(v: &Value, name: &str) -> Result<Vec<u8>, Problem> {
     v.get(name)
         .and_then(Value::as_str)
         .and_then(b64url_decode)
-        .ok_or_else(|| Problem::new(ProblemType::BadPublicKey, format!("JWK member {name:?} is missing or not base64url")))
+        .ok_or_else(|| {
+            Problem::new(
+                ProblemType::BadPublicKey,
+                format!("JWK member {name:?} is missing or not base64url"),
+            )
+        })
 }
 
 fn strip_zeros(b: &[u8]) -> &[u8] {
@@ -167,15 +192,23 @@ impl Jwk {
                 }
                 Ok(Jwk::Ed25519 { x })
             }
-            _ => Err(bad("unsupported JWK key type (use EC P-256/P-384, RSA or Ed25519)")),
+            _ => Err(bad(
+                "unsupported JWK key type (use EC P-256/P-384, RSA or Ed25519)",
+            )),
         }
     }
 
     /// The required members in lexicographic order: RFC 7638 3.2's canonical form.
     fn canonical(&self) -> String {
         match self {
-            Jwk::Ec { crv, x, y } => format!(r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#, b64url(x), b64url(y)),
-            Jwk::Rsa { n, e } => format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, b64url(e), b64url(n)),
+            Jwk::Ec { crv, x, y } => format!(
+                r#"{{"crv":"{crv}","kty":"EC","x":"{}","y":"{}"}}"#,
+                b64url(x),
+                b64url(y)
+            ),
+            Jwk::Rsa { n, e } => {
+                format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, b64url(e), b64url(n))
+            }
             Jwk::Ed25519 { x } => format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, b64url(x)),
         }
     }
@@ -191,9 +224,11 @@ impl Jwk {
     }
 
     fn verify(&self, alg: &str, msg: &[u8], sig: &[u8]) -> Result<(), Problem> {
-        let mismatch = || Problem::malformed(format!("JWS algorithm {alg} does not match the key type"));
+        let mismatch =
+            || Problem::malformed(format!("JWS algorithm {alg} does not match the key type"));
         let ok = match (alg, self) {
-            ("ES256", Jwk::Ec { crv: "P-256", x, y }) | ("ES384", Jwk::Ec { crv: "P-384", x, y }) => {
+            ("ES256", Jwk::Ec { crv: "P-256", x, y })
+            | ("ES384", Jwk::Ec { crv: "P-384", x, y }) => {
                 let alg: &signature::EcdsaVerificationAlgorithm = if alg == "ES256" {
                     &signature::ECDSA_P256_SHA256_FIXED
                 } else {
@@ -219,7 +254,9 @@ impl Jwk {
                 .verify(params, msg, sig)
                 .is_ok()
             }
-            ("EdDSA", Jwk::Ed25519 { x }) => UnparsedPublicKey::new(&signature::ED25519, x).verify(msg, sig).is_ok(),
+            ("EdDSA", Jwk::Ed25519 { x }) => UnparsedPublicKey::new(&signature::ED25519, x)
+                .verify(msg, sig)
+                .is_ok(),
             _ => return Err(mismatch()),
         };
         if ok {
@@ -238,13 +275,18 @@ impl Jwk {
         match (self, spki.parsed()) {
             (Jwk::Ec { x, y, .. }, Ok(PublicKey::EC(point))) => {
                 let data = point.data();
-                data.len() == 1 + x.len() + y.len() && data[0] == 4 && &data[1..1 + x.len()] == x.as_slice() && &data[1 + x.len()..] == y.as_slice()
+                data.len() == 1 + x.len() + y.len()
+                    && data[0] == 4
+                    && &data[1..1 + x.len()] == x.as_slice()
+                    && &data[1 + x.len()..] == y.as_slice()
             }
             (Jwk::Rsa { n, e }, Ok(PublicKey::RSA(rsa))) => {
-                strip_zeros(rsa.modulus) == strip_zeros(n) && strip_zeros(rsa.exponent) == strip_zeros(e)
+                strip_zeros(rsa.modulus) == strip_zeros(n)
+                    && strip_zeros(rsa.exponent) == strip_zeros(e)
             }
             (Jwk::Ed25519 { x }, _) => {
-                spki.algorithm.algorithm.to_id_string() == "1.3.101.112" && spki.subject_public_key.data.as_ref() == x.as_slice()
+                spki.algorithm.algorithm.to_id_string() == "1.3.101.112"
+                    && spki.subject_public_key.data.as_ref() == x.as_slice()
             }
             _ => false,
         }
@@ -264,7 +306,10 @@ mod tests {
             "e": "AQAB", "alg": "RS256", "kid": "2011-04-29"
         });
         let key = Jwk::from_value(&jwk).unwrap();
-        assert_eq!(key.thumbprint(), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+        assert_eq!(
+            key.thumbprint(),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
     }
 
     #[test]
@@ -273,12 +318,19 @@ mod tests {
         use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+        let kp =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
         let pubk = kp.public_key().as_ref();
         let jwk = serde_json::json!({"kty":"EC","crv":"P-256","x":b64url(&pubk[1..33]),"y":b64url(&pubk[33..])});
-        let protected = b64url(serde_json::json!({"alg":"ES256","jwk":jwk,"nonce":"n","url":"u"}).to_string().as_bytes());
+        let protected = b64url(
+            serde_json::json!({"alg":"ES256","jwk":jwk,"nonce":"n","url":"u"})
+                .to_string()
+                .as_bytes(),
+        );
         let payload = b64url(b"{}");
-        let sig = kp.sign(&rng, format!("{protected}.{payload}").as_bytes()).unwrap();
+        let sig = kp
+            .sign(&rng, format!("{protected}.{payload}").as_bytes())
+            .unwrap();
         let body = serde_json::json!({"protected":protected,"payload":payload,"signature":b64url(sig.as_ref())});
         let jws = Jws::parse(body.to_string().as_bytes()).unwrap();
         let key = Jwk::from_value(jws.header.jwk.as_ref().unwrap()).unwrap();

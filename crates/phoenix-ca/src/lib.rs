@@ -119,7 +119,10 @@ pub fn init(cfg: &CaConfig) -> Result<InitReport, CaError> {
     let db = cfg.data_dir.join(authority::STORE_FILE);
     fs::set_permissions(&db, fs::Permissions::from_mode(0o600)).map_err(|e| CaError::io(&db, e))?;
     tracing::info!(dir = %cfg.data_dir.display(), %fingerprint, "CA initialised");
-    Ok(InitReport { root_path, fingerprint })
+    Ok(InitReport {
+        root_path,
+        fingerprint,
+    })
 }
 
 /// Loads the authority and opens the store: the pair every operation needs.
@@ -150,7 +153,10 @@ impl CaServer {
     pub fn open(cfg: CaConfig) -> Result<CaServer, CaError> {
         let (authority, store) = open_ca(&cfg)?;
         let base_url = match &cfg.url {
-            Some(u) => Some(config::parse_base_url(u).map_err(|e| CaError::Config(vec![format!("ca.url: {e}")]))?),
+            Some(u) => Some(
+                config::parse_base_url(u)
+                    .map_err(|e| CaError::Config(vec![format!("ca.url: {e}")]))?,
+            ),
             None => None,
         };
         let state = AcmeState {
@@ -165,7 +171,9 @@ impl CaServer {
             running: Mutex::new(Default::default()),
             cfg,
         };
-        Ok(CaServer { state: Arc::new(state) })
+        Ok(CaServer {
+            state: Arc::new(state),
+        })
     }
 
     /// The root certificate (PEM).
@@ -186,11 +194,16 @@ impl CaServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), CaError> {
         let state = self.state;
-        let local = listener.local_addr().map_err(|e| CaError::Serve(format!("listener address: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| CaError::Serve(format!("listener address: {e}")))?;
         let tls = tls::ServerTls::new(&state.cfg, local, &state.authority, &state.store)?;
         let resumed = validation::resume_pending(&state)?;
         if resumed > 0 {
-            tracing::info!(resumed, "resumed validations left pending by the previous run");
+            tracing::info!(
+                resumed,
+                "resumed validations left pending by the previous run"
+            );
         }
         tracing::info!(%local, fingerprint = %state.authority.fingerprint(), "CA serving ACME at https://{local}/acme/directory");
         let app = acme::router(state.clone());
@@ -207,7 +220,12 @@ impl CaServer {
 
 /// `phoenix ca issue`: issues a certificate for `names` and `ips` outside ACME and writes
 /// `cert.pem` (leaf + intermediate), `key.pem` (0600) and `root.pem` into `out_dir`.
-pub fn issue(cfg: &CaConfig, names: &[String], ips: &[IpAddr], out_dir: &Path) -> Result<IssuedFiles, CaError> {
+pub fn issue(
+    cfg: &CaConfig,
+    names: &[String],
+    ips: &[IpAddr],
+    out_dir: &Path,
+) -> Result<IssuedFiles, CaError> {
     let (authority, store) = open_ca(cfg)?;
     let policy = Policy::new(cfg);
     let mut subject = Vec::new();
@@ -223,15 +241,18 @@ pub fn issue(cfg: &CaConfig, names: &[String], ips: &[IpAddr], out_dir: &Path) -
     }
     for ip in ips {
         if !policy.permits_ip(*ip) {
-            return Err(CaError::Policy(format!("{ip} is outside the CA's networks")));
+            return Err(CaError::Policy(format!(
+                "{ip} is outside the CA's networks"
+            )));
         }
         subject.push(SubjectName::Ip(*ip));
     }
     if subject.is_empty() {
-        return Err(CaError::Policy("give at least one name or IP address to certify".into()));
+        return Err(CaError::Policy(
+            "give at least one name or IP address to certify".into(),
+        ));
     }
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let leaf = authority.issue_leaf(&key, &subject, cfg.leaf_lifetime, false)?;
+    let (leaf, key_pem) = authority.issue_with_new_key(&subject, cfg.leaf_lifetime)?;
     let rec = CertRec {
         serial: leaf.serial.clone(),
         names: subject.iter().map(SubjectName::to_text).collect(),
@@ -248,8 +269,8 @@ pub fn issue(cfg: &CaConfig, names: &[String], ips: &[IpAddr], out_dir: &Path) -
     let cert_path = out_dir.join("cert.pem");
     let key_path = out_dir.join("key.pem");
     let root_path = out_dir.join("root.pem");
-    authority::write_replace(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    authority::write_replace(&cert_path, authority.chain_pem(&leaf.der).as_bytes(), 0o644)?;
+    authority::write_replace(&key_path, key_pem.as_bytes(), 0o600)?;
+    authority::write_replace(&cert_path, leaf.chain_pem.as_bytes(), 0o644)?;
     authority::write_replace(&root_path, authority.root_pem().as_bytes(), 0o644)?;
     tracing::info!(serial = %leaf.serial, names = ?rec.names, "certificate issued by `phoenix ca issue`");
     Ok(IssuedFiles {
@@ -290,7 +311,11 @@ pub fn list(cfg: &CaConfig) -> Result<Vec<CertRecord>, CaError> {
 /// `phoenix ca revoke <serial>` (hex, case and colons ignored).
 pub fn revoke(cfg: &CaConfig, serial: &str) -> Result<(), CaError> {
     let (_, store) = open_ca(cfg)?;
-    let serial: String = serial.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    let serial: String = serial
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
     store.write(|tx| {
         let mut c = tx
             .get::<CertRec>(&serial)?

@@ -45,7 +45,8 @@ impl NonceStore {
 
     /// A fresh nonce.
     pub(crate) fn issue(&self) -> String {
-        let nonce = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
+        let nonce =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>());
         let now = Instant::now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         while inner.order.len() >= self.capacity {

@@ -45,10 +45,14 @@ impl ProblemType {
             ProblemType::BadNonce => "urn:ietf:params:acme:error:badNonce",
             ProblemType::BadPublicKey => "urn:ietf:params:acme:error:badPublicKey",
             ProblemType::BadRevocationReason => "urn:ietf:params:acme:error:badRevocationReason",
-            ProblemType::BadSignatureAlgorithm => "urn:ietf:params:acme:error:badSignatureAlgorithm",
+            ProblemType::BadSignatureAlgorithm => {
+                "urn:ietf:params:acme:error:badSignatureAlgorithm"
+            }
             ProblemType::Connection => "urn:ietf:params:acme:error:connection",
             ProblemType::Dns => "urn:ietf:params:acme:error:dns",
-            ProblemType::ExternalAccountRequired => "urn:ietf:params:acme:error:externalAccountRequired",
+            ProblemType::ExternalAccountRequired => {
+                "urn:ietf:params:acme:error:externalAccountRequired"
+            }
             ProblemType::IncorrectResponse => "urn:ietf:params:acme:error:incorrectResponse",
             ProblemType::InvalidContact => "urn:ietf:params:acme:error:invalidContact",
             ProblemType::Malformed => "urn:ietf:params:acme:error:malformed",
@@ -58,7 +62,9 @@ impl ProblemType {
             ProblemType::Tls => "urn:ietf:params:acme:error:tls",
             ProblemType::Unauthorized => "urn:ietf:params:acme:error:unauthorized",
             ProblemType::UnsupportedContact => "urn:ietf:params:acme:error:unsupportedContact",
-            ProblemType::UnsupportedIdentifier => "urn:ietf:params:acme:error:unsupportedIdentifier",
+            ProblemType::UnsupportedIdentifier => {
+                "urn:ietf:params:acme:error:unsupportedIdentifier"
+            }
         }
     }
 
@@ -151,9 +157,15 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
         let mut resp = (self.status, body).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let Some(loc) = self.location.as_deref().and_then(|l| HeaderValue::from_str(l).ok()) {
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(loc) = self
+            .location
+            .as_deref()
+            .and_then(|l| HeaderValue::from_str(l).ok())
+        {
             resp.headers_mut().insert(header::LOCATION, loc);
         }
         resp

@@ -31,7 +31,7 @@ const EAB_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("eab_keys");
 /// A record kind stored as JSON in its own table.
 pub(crate) trait Record: Serialize + DeserializeOwned {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]>;
-    fn key(&self) -> &str;
+    fn record_key(&self) -> &str;
 }
 
 /// Status of an account, order, authorization or challenge (RFC 8555 7.1.6).
@@ -70,7 +70,7 @@ pub(crate) struct AccountRec {
 
 impl Record for AccountRec {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = ACCOUNTS;
-    fn key(&self) -> &str {
+    fn record_key(&self) -> &str {
         &self.id
     }
 }
@@ -91,7 +91,7 @@ pub(crate) struct OrderRec {
 
 impl Record for OrderRec {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = ORDERS;
-    fn key(&self) -> &str {
+    fn record_key(&self) -> &str {
         &self.id
     }
 }
@@ -119,7 +119,7 @@ pub(crate) struct AuthzRec {
 
 impl Record for AuthzRec {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = AUTHZS;
-    fn key(&self) -> &str {
+    fn record_key(&self) -> &str {
         &self.id
     }
 }
@@ -141,7 +141,7 @@ pub(crate) struct CertRec {
 
 impl Record for CertRec {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = CERTS;
-    fn key(&self) -> &str {
+    fn record_key(&self) -> &str {
         &self.serial
     }
 }
@@ -157,7 +157,7 @@ pub(crate) struct EabRec {
 
 impl Record for EabRec {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = EAB_KEYS;
-    fn key(&self) -> &str {
+    fn record_key(&self) -> &str {
         &self.kid
     }
 }
@@ -182,8 +182,14 @@ impl Store {
         let path: PathBuf = dir.join(crate::authority::STORE_FILE);
         let db = match Database::create(&path) {
             Ok(db) => db,
-            Err(DatabaseError::DatabaseAlreadyOpen) => return Err(CaError::Locked { dir: dir.to_path_buf() }),
-            Err(DatabaseError::Storage(redb::StorageError::Io(e))) => return Err(CaError::io(path, e)),
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(CaError::Locked {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(DatabaseError::Storage(redb::StorageError::Io(e))) => {
+                return Err(CaError::io(path, e))
+            }
             Err(e) => return Err(store_err(e)),
         };
         let tx = db.begin_write().map_err(store_err)?;
@@ -220,10 +226,17 @@ impl Store {
         Ok(out)
     }
 
-    pub(crate) fn account_by_thumbprint(&self, thumbprint: &str) -> Result<Option<AccountRec>, CaError> {
+    pub(crate) fn account_by_thumbprint(
+        &self,
+        thumbprint: &str,
+    ) -> Result<Option<AccountRec>, CaError> {
         let tx = self.db.begin_read().map_err(store_err)?;
         let keys = tx.open_table(ACCOUNT_KEYS).map_err(store_err)?;
-        let Some(id) = keys.get(thumbprint).map_err(store_err)?.map(|v| v.value().to_owned()) else {
+        let Some(id) = keys
+            .get(thumbprint)
+            .map_err(store_err)?
+            .map(|v| v.value().to_owned())
+        else {
             return Ok(None);
         };
         drop(keys);
@@ -235,7 +248,10 @@ impl Store {
     }
 
     /// Runs `f` in one write transaction and commits it if `f` succeeds.
-    pub(crate) fn write<R, E: From<CaError>>(&self, f: impl FnOnce(&mut WriteTx) -> Result<R, E>) -> Result<R, E> {
+    pub(crate) fn write<R, E: From<CaError>>(
+        &self,
+        f: impl FnOnce(&mut WriteTx) -> Result<R, E>,
+    ) -> Result<R, E> {
         let mut wtx = WriteTx {
             tx: self.db.begin_write().map_err(store_err)?,
         };
@@ -258,17 +274,26 @@ impl WriteTx {
     pub(crate) fn put<T: Record>(&mut self, rec: &T) -> Result<(), CaError> {
         let bytes = serde_json::to_vec(rec).map_err(store_err)?;
         let mut table = self.tx.open_table(T::TABLE).map_err(store_err)?;
-        table.insert(rec.key(), bytes.as_slice()).map_err(store_err)?;
+        table
+            .insert(rec.record_key(), bytes.as_slice())
+            .map_err(store_err)?;
         Ok(())
     }
 
-    pub(crate) fn account_id_by_thumbprint(&self, thumbprint: &str) -> Result<Option<String>, CaError> {
+    pub(crate) fn account_id_by_thumbprint(
+        &self,
+        thumbprint: &str,
+    ) -> Result<Option<String>, CaError> {
         let keys = self.tx.open_table(ACCOUNT_KEYS).map_err(store_err)?;
         let v = keys.get(thumbprint).map_err(store_err)?;
         Ok(v.map(|v| v.value().to_owned()))
     }
 
-    pub(crate) fn set_account_key(&mut self, thumbprint: &str, account: &str) -> Result<(), CaError> {
+    pub(crate) fn set_account_key(
+        &mut self,
+        thumbprint: &str,
+        account: &str,
+    ) -> Result<(), CaError> {
         let mut keys = self.tx.open_table(ACCOUNT_KEYS).map_err(store_err)?;
         keys.insert(thumbprint, account).map_err(store_err)?;
         Ok(())
@@ -289,7 +314,10 @@ mod tests {
     fn second_open_reports_locked_and_writes_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert!(matches!(Store::open(dir.path()), Err(CaError::Locked { .. })));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(CaError::Locked { .. })
+        ));
         store
             .write(|tx| {
                 tx.put(&EabRec {
@@ -313,6 +341,9 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert!(store.get::<EabRec>("k1").unwrap().is_some());
-        assert!(store.get::<EabRec>("k2").unwrap().is_none(), "aborted transaction must not commit");
+        assert!(
+            store.get::<EabRec>("k2").unwrap().is_none(),
+            "aborted transaction must not commit"
+        );
     }
 }

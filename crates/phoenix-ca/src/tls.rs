@@ -16,7 +16,8 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::acme::unix_now;
 use crate::authority::{Authority, SubjectName};
@@ -87,11 +88,12 @@ fn issue_serving(
     lifetime: Duration,
     provider: &CryptoProvider,
 ) -> Result<(Arc<CertifiedKey>, Duration), CaError> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let leaf = authority.issue_leaf(&key, names, lifetime, false)?;
+    let (leaf, key_pem) = authority.issue_with_new_key(names, lifetime)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| CaError::Tls(format!("serving key: {e}")))?;
     let signing_key = provider
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        .load_private_key(key)
         .map_err(|e| CaError::Tls(e.to_string()))?;
     let chain = vec![
         CertificateDer::from(leaf.der.clone()),
@@ -111,7 +113,10 @@ fn issue_serving(
     store.write(|tx| tx.put(&rec))?;
     let life = (leaf.not_after.unix_timestamp() - unix_now()).max(60) as u64;
     tracing::info!(serial = %leaf.serial, names = ?rec.names, "CA serving certificate issued");
-    Ok((Arc::new(CertifiedKey::new(chain, signing_key)), renew_after(Duration::from_secs(life))))
+    Ok((
+        Arc::new(CertifiedKey::new(chain, signing_key)),
+        renew_after(Duration::from_secs(life)),
+    ))
 }
 
 /// Renew once two thirds of the remaining lifetime have passed.
@@ -130,7 +135,12 @@ pub(crate) struct ServerTls {
 }
 
 impl ServerTls {
-    pub(crate) fn new(cfg: &CaConfig, local: SocketAddr, authority: &Authority, store: &Store) -> Result<ServerTls, CaError> {
+    pub(crate) fn new(
+        cfg: &CaConfig,
+        local: SocketAddr,
+        authority: &Authority,
+        store: &Store,
+    ) -> Result<ServerTls, CaError> {
         let names = serving_names(cfg, local);
         if names.is_empty() {
             return Err(CaError::Config(vec![format!(
@@ -138,7 +148,8 @@ impl ServerTls {
             )]));
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let (certified, renew_in) = issue_serving(authority, store, &names, cfg.leaf_lifetime, &provider)?;
+        let (certified, renew_in) =
+            issue_serving(authority, store, &names, cfg.leaf_lifetime, &provider)?;
         let resolver = Arc::new(ServingCert {
             current: ArcSwap::new(certified),
         });
@@ -190,18 +201,56 @@ mod tests {
         let names = serving_names(&cfg, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(
             names,
-            vec![SubjectName::Ip("127.0.0.1".parse().unwrap()), SubjectName::Dns("ca.phoenix.test".into())],
+            vec![
+                SubjectName::Ip("127.0.0.1".parse().unwrap()),
+                SubjectName::Dns("ca.phoenix.test".into())
+            ],
             "localhost is outside phoenix.test and must be left out"
         );
         cfg.domains.push("localhost".into());
-        assert!(serving_names(&cfg, "127.0.0.1:9000".parse().unwrap()).contains(&SubjectName::Dns("localhost".into())));
+        assert!(serving_names(&cfg, "127.0.0.1:9000".parse().unwrap())
+            .contains(&SubjectName::Dns("localhost".into())));
         assert!(serving_names(&cfg, "0.0.0.0:9000".parse().unwrap())
             .iter()
             .all(|n| matches!(n, SubjectName::Dns(_))));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn serving_certificate_is_replaced_before_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = CaConfig::new("127.0.0.1:9000".parse().unwrap(), dir.path().join("ca"));
+        cfg.networks = vec!["127.0.0.0/8".parse().unwrap()];
+        cfg.leaf_lifetime = Duration::from_secs(3600);
+        crate::authority::create(&cfg).unwrap();
+        let authority = Authority::load(&cfg.data_dir).unwrap();
+        let store = Store::open(&cfg.data_dir).unwrap();
+        let tls = ServerTls::new(&cfg, cfg.listen, &authority, &store).unwrap();
+        let first = tls.resolver.current.load_full().cert[0].clone();
+        assert!(
+            tls.renew_in < Duration::from_secs(3600) && tls.renew_in > Duration::from_secs(1800)
+        );
+        // Paused time: the renewal task's sleep completes as soon as the runtime is idle.
+        tokio::select! {
+            _ = tls.renew_forever(&authority, &store) => unreachable!(),
+            _ = tokio::time::sleep(tls.renew_in + Duration::from_secs(1)) => {}
+        }
+        let second = tls.resolver.current.load_full().cert[0].clone();
+        assert_ne!(
+            first, second,
+            "the serving certificate must have been renewed"
+        );
+        assert_eq!(
+            store.all::<CertRec>().unwrap().len(),
+            2,
+            "both serving certificates are recorded"
+        );
+    }
+
     #[test]
     fn renewal_happens_before_expiry() {
-        assert_eq!(renew_after(Duration::from_secs(3000)), Duration::from_secs(2000));
+        assert_eq!(
+            renew_after(Duration::from_secs(3000)),
+            Duration::from_secs(2000)
+        );
     }
 }

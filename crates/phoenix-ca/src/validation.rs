@@ -32,8 +32,6 @@ const ATTEMPTS: u32 = 3;
 const ATTEMPT_DELAY: Duration = Duration::from_millis(500);
 /// RFC 8737 3: the ALPN protocol of tls-alpn-01.
 pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
-/// RFC 8737 3: id-pe-acmeIdentifier.
-const ACME_IDENTIFIER_OID: &str = "1.3.6.1.5.5.7.1.31";
 
 /// Performs validations; cheap to share.
 pub(crate) struct Validator {
@@ -51,19 +49,38 @@ impl Validator {
 
     async fn resolve(&self, id: &Identifier, port: u16) -> Result<Vec<SocketAddr>, Problem> {
         if id.kind == "ip" {
-            let ip: IpAddr = id.value.parse().map_err(|_| Problem::malformed("bad IP identifier"))?;
+            let ip: IpAddr = id
+                .value
+                .parse()
+                .map_err(|_| Problem::malformed("bad IP identifier"))?;
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         if let Some(ip) = self.cfg.resolve.get(&id.value) {
             return Ok(vec![SocketAddr::new(*ip, port)]);
         }
-        let addrs: Vec<SocketAddr> = timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((id.value.as_str(), port)))
-            .await
-            .map_err(|_| Problem::new(ProblemType::Dns, format!("resolving {} timed out", id.value)))?
-            .map_err(|e| Problem::new(ProblemType::Dns, format!("cannot resolve {}: {e}", id.value)))?
-            .collect();
+        let addrs: Vec<SocketAddr> = timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::lookup_host((id.value.as_str(), port)),
+        )
+        .await
+        .map_err(|_| {
+            Problem::new(
+                ProblemType::Dns,
+                format!("resolving {} timed out", id.value),
+            )
+        })?
+        .map_err(|e| {
+            Problem::new(
+                ProblemType::Dns,
+                format!("cannot resolve {}: {e}", id.value),
+            )
+        })?
+        .collect();
         if addrs.is_empty() {
-            return Err(Problem::new(ProblemType::Dns, format!("{} has no address", id.value)));
+            return Err(Problem::new(
+                ProblemType::Dns,
+                format!("{} has no address", id.value),
+            ));
         }
         Ok(addrs)
     }
@@ -73,19 +90,37 @@ impl Validator {
         for addr in self.resolve(id, port).await? {
             match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => return Ok(s),
-                Ok(Err(e)) => last = Problem::new(ProblemType::Connection, format!("connecting to {addr}: {e}")),
-                Err(_) => last = Problem::new(ProblemType::Connection, format!("connecting to {addr} timed out")),
+                Ok(Err(e)) => {
+                    last = Problem::new(
+                        ProblemType::Connection,
+                        format!("connecting to {addr}: {e}"),
+                    )
+                }
+                Err(_) => {
+                    last = Problem::new(
+                        ProblemType::Connection,
+                        format!("connecting to {addr} timed out"),
+                    )
+                }
             }
         }
         Err(last)
     }
 
     /// Runs one validation attempt.
-    pub(crate) async fn validate(&self, kind: &str, id: &Identifier, token: &str, key_auth: &str) -> Result<(), Problem> {
+    pub(crate) async fn validate(
+        &self,
+        kind: &str,
+        id: &Identifier,
+        token: &str,
+        key_auth: &str,
+    ) -> Result<(), Problem> {
         match kind {
             "http-01" => self.http01(id, token, key_auth).await,
             "tls-alpn-01" => self.tls_alpn01(id, key_auth).await,
-            other => Err(Problem::malformed(format!("unsupported challenge type {other}"))),
+            other => Err(Problem::malformed(format!(
+                "unsupported challenge type {other}"
+            ))),
         }
     }
 
@@ -95,14 +130,21 @@ impl Validator {
             Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
             _ => id.value.clone(),
         };
-        let host_header = if port == 80 { host.clone() } else { format!("{host}:{port}") };
+        let host_header = if port == 80 {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
         let mut path = format!("/.well-known/acme-challenge/{token}");
         for _ in 0..=MAX_REDIRECTS {
             let stream = self.connect(id, port).await?;
             let exchange = async {
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| Problem::new(ProblemType::Connection, format!("HTTP handshake: {e}")))?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| {
+                            Problem::new(ProblemType::Connection, format!("HTTP handshake: {e}"))
+                        })?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -111,10 +153,9 @@ impl Validator {
                     .header(http::header::USER_AGENT, "phoenix-ca-validator")
                     .body(Empty::<bytes::Bytes>::new())
                     .map_err(|e| Problem::internal(e.to_string()))?;
-                let resp = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| Problem::new(ProblemType::Connection, format!("HTTP request: {e}")))?;
+                let resp = sender.send_request(req).await.map_err(|e| {
+                    Problem::new(ProblemType::Connection, format!("HTTP request: {e}"))
+                })?;
                 let status = resp.status();
                 let location = resp
                     .headers()
@@ -125,21 +166,27 @@ impl Validator {
                     .collect()
                     .await
                     .map_err(|_| {
-                        Problem::unauthorized(format!("http-01 response body is larger than {MAX_BODY} bytes or broken"))
+                        Problem::unauthorized(format!(
+                            "http-01 response body is larger than {MAX_BODY} bytes or broken"
+                        ))
                     })?
                     .to_bytes();
                 Ok::<_, Problem>((status, location, body))
             };
-            let (status, location, body) = timeout(EXCHANGE_TIMEOUT, exchange)
-                .await
-                .map_err(|_| Problem::new(ProblemType::Connection, "http-01 request timed out"))??;
+            let (status, location, body) =
+                timeout(EXCHANGE_TIMEOUT, exchange).await.map_err(|_| {
+                    Problem::new(ProblemType::Connection, "http-01 request timed out")
+                })??;
             if status.is_redirection() {
-                let loc = location.ok_or_else(|| Problem::unauthorized("redirect without Location"))?;
+                let loc =
+                    location.ok_or_else(|| Problem::unauthorized("redirect without Location"))?;
                 path = same_host_redirect(&loc, &host, port)?;
                 continue;
             }
             if status != http::StatusCode::OK {
-                return Err(Problem::unauthorized(format!("http-01: GET {path} answered {status}")));
+                return Err(Problem::unauthorized(format!(
+                    "http-01: GET {path} answered {status}"
+                )));
             }
             // RFC 8555 8.3: the server ignores trailing whitespace.
             let got = std::str::from_utf8(&body).unwrap_or("").trim_end();
@@ -155,14 +202,18 @@ impl Validator {
     }
 
     async fn tls_alpn01(&self, id: &Identifier, key_auth: &str) -> Result<(), Problem> {
-        let ip = if id.kind == "ip" { id.value.parse::<IpAddr>().ok() } else { None };
+        let ip = if id.kind == "ip" {
+            id.value.parse::<IpAddr>().ok()
+        } else {
+            None
+        };
         // RFC 8738 6: for IP identifiers the SNI is the reverse-DNS name of the address.
         let sni = match ip {
             Some(ip) => reverse_dns_name(ip),
             None => id.value.clone(),
         };
-        let server_name =
-            ServerName::try_from(sni.clone()).map_err(|_| Problem::malformed(format!("{sni} is not a valid SNI name")))?;
+        let server_name = ServerName::try_from(sni.clone())
+            .map_err(|_| Problem::malformed(format!("{sni} is not a valid SNI name")))?;
         let stream = self.connect(id, self.cfg.tlsalpn01_port).await?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let tls = timeout(EXCHANGE_TIMEOUT, connector.connect(server_name, stream))
@@ -171,12 +222,17 @@ impl Validator {
             .map_err(|e| Problem::new(ProblemType::Tls, format!("tls-alpn-01 handshake: {e}")))?;
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(ACME_TLS_ALPN) {
-            return Err(Problem::new(ProblemType::Tls, "tls-alpn-01: the server did not negotiate acme-tls/1"));
+            return Err(Problem::new(
+                ProblemType::Tls,
+                "tls-alpn-01: the server did not negotiate acme-tls/1",
+            ));
         }
         let cert = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .ok_or_else(|| Problem::new(ProblemType::Tls, "tls-alpn-01: no certificate presented"))?;
+            .ok_or_else(|| {
+                Problem::new(ProblemType::Tls, "tls-alpn-01: no certificate presented")
+            })?;
         check_alpn_certificate(cert.as_ref(), id, ip, key_auth)
     }
 }
@@ -185,16 +241,23 @@ fn same_host_redirect(loc: &str, host: &str, port: u16) -> Result<String, Proble
     if loc.starts_with('/') && !loc.starts_with("//") {
         return Ok(loc.to_owned());
     }
-    let uri: http::Uri = loc.parse().map_err(|_| Problem::unauthorized("bad redirect Location"))?;
+    let uri: http::Uri = loc
+        .parse()
+        .map_err(|_| Problem::unauthorized("bad redirect Location"))?;
     let same = uri.scheme_str() == Some("http")
-        && uri.host().is_some_and(|h| h.eq_ignore_ascii_case(host.trim_matches(['[', ']'])) || h == host)
+        && uri
+            .host()
+            .is_some_and(|h| h.eq_ignore_ascii_case(host.trim_matches(['[', ']'])) || h == host)
         && uri.port_u16().unwrap_or(80) == port;
     if !same {
         return Err(Problem::unauthorized(format!(
             "http-01: redirect to {loc} refused (only same-host http redirects are followed)"
         )));
     }
-    Ok(uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into()))
+    Ok(uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into()))
 }
 
 /// `4.3.2.1.in-addr.arpa` / nibble `ip6.arpa` name of an address (RFC 8738 6).
@@ -217,11 +280,17 @@ pub(crate) fn reverse_dns_name(ip: IpAddr) -> String {
 
 /// RFC 8737 3: exactly one SAN, the identifier; a critical acmeIdentifier extension holding
 /// SHA-256(key authorization).
-fn check_alpn_certificate(der: &[u8], id: &Identifier, ip: Option<IpAddr>, key_auth: &str) -> Result<(), Problem> {
+fn check_alpn_certificate(
+    der: &[u8],
+    id: &Identifier,
+    ip: Option<IpAddr>,
+    key_auth: &str,
+) -> Result<(), Problem> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::FromDer;
     let bad = |m: &str| Problem::unauthorized(format!("tls-alpn-01: {m}"));
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|_| bad("certificate does not parse"))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|_| bad("certificate does not parse"))?;
     let san = cert
         .subject_alternative_name()
         .ok()
@@ -235,21 +304,15 @@ fn check_alpn_certificate(der: &[u8], id: &Identifier, ip: Option<IpAddr>, key_a
             _ => false,
         };
     if !matches {
-        return Err(bad(&format!("the certificate must name exactly {}", id.value)));
+        return Err(bad(&format!(
+            "the certificate must name exactly {}",
+            id.value
+        )));
     }
-    let ext = cert
-        .extensions()
-        .iter()
-        .find(|e| e.oid.to_id_string() == ACME_IDENTIFIER_OID)
+    let digest = phoenix_pki::tls_alpn01_ext_digest(der)
+        .map_err(|e| bad(&e.to_string()))?
         .ok_or_else(|| bad("certificate lacks the acmeIdentifier extension"))?;
-    if !ext.critical {
-        return Err(bad("the acmeIdentifier extension must be critical"));
-    }
-    // extnValue holds the DER of `Authorization ::= OCTET STRING (SIZE (32))`.
-    let digest = Sha256::digest(key_auth.as_bytes());
-    let mut expected = vec![0x04, 0x20];
-    expected.extend_from_slice(&digest);
-    if ext.value != expected.as_slice() {
+    if digest.as_slice() != Sha256::digest(key_auth.as_bytes()).as_slice() {
         return Err(Problem::new(
             ProblemType::IncorrectResponse,
             "tls-alpn-01: acmeIdentifier does not match the key authorization",
@@ -270,12 +333,11 @@ mod insecure_challenge_tls {
     use std::sync::Arc;
 
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::CryptoProvider;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use rustls::{DigitallySignedStruct, SignatureScheme};
 
     #[derive(Debug)]
-    struct AcceptChallengeCertificate(Arc<CryptoProvider>);
+    struct AcceptChallengeCertificate;
 
     impl ServerCertVerifier for AcceptChallengeCertificate {
         fn verify_server_cert(
@@ -295,7 +357,7 @@ mod insecure_challenge_tls {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_handshake_signature(message, cert, dss)
         }
 
         fn verify_tls13_signature(
@@ -304,21 +366,73 @@ mod insecure_challenge_tls {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            verify_handshake_signature(message, cert, dss)
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
+            SCHEMES.to_vec()
         }
     }
 
+    /// Checks that the peer holds the key of the certificate it presented.
+    ///
+    /// rustls' own helper cannot be used: it parses the certificate with webpki, which
+    /// (rightly, for ordinary certificates) refuses the critical acmeIdentifier extension that
+    /// every RFC 8737 certificate carries. So the key comes from x509-parser and the signature
+    /// is checked with aws-lc-rs directly.
+    fn verify_handshake_signature(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        use aws_lc_rs::signature as sig;
+        use x509_parser::prelude::FromDer;
+        let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref())
+            .map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+            })?;
+        let key = parsed.public_key().subject_public_key.data.as_ref();
+        let alg: &dyn sig::VerificationAlgorithm = match dss.scheme {
+            SignatureScheme::ECDSA_NISTP256_SHA256 => &sig::ECDSA_P256_SHA256_ASN1,
+            SignatureScheme::ECDSA_NISTP384_SHA384 => &sig::ECDSA_P384_SHA384_ASN1,
+            SignatureScheme::ED25519 => &sig::ED25519,
+            SignatureScheme::RSA_PKCS1_SHA256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+            SignatureScheme::RSA_PKCS1_SHA384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+            SignatureScheme::RSA_PKCS1_SHA512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+            SignatureScheme::RSA_PSS_SHA256 => &sig::RSA_PSS_2048_8192_SHA256,
+            SignatureScheme::RSA_PSS_SHA384 => &sig::RSA_PSS_2048_8192_SHA384,
+            SignatureScheme::RSA_PSS_SHA512 => &sig::RSA_PSS_2048_8192_SHA512,
+            _ => {
+                return Err(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+                ))
+            }
+        };
+        sig::UnparsedPublicKey::new(alg, key)
+            .verify(message, dss.signature())
+            .map(|_| HandshakeSignatureValid::assertion())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))
+    }
+
+    const SCHEMES: &[SignatureScheme] = &[
+        SignatureScheme::ECDSA_NISTP256_SHA256,
+        SignatureScheme::ECDSA_NISTP384_SHA384,
+        SignatureScheme::ED25519,
+        SignatureScheme::RSA_PSS_SHA256,
+        SignatureScheme::RSA_PSS_SHA384,
+        SignatureScheme::RSA_PSS_SHA512,
+        SignatureScheme::RSA_PKCS1_SHA256,
+        SignatureScheme::RSA_PKCS1_SHA384,
+        SignatureScheme::RSA_PKCS1_SHA512,
+    ];
+
     pub(super) fn client_config() -> Result<rustls::ClientConfig, crate::CaError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| crate::CaError::Tls(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptChallengeCertificate(provider)))
+            .with_custom_certificate_verifier(Arc::new(AcceptChallengeCertificate))
             .with_no_client_auth();
         cfg.alpn_protocols = vec![super::ACME_TLS_ALPN.to_vec()];
         cfg.resumption = rustls::client::Resumption::disabled();
@@ -327,7 +441,10 @@ mod insecure_challenge_tls {
 }
 
 fn key_authorization(token: &str, account: &AccountRec) -> Result<String, Problem> {
-    Ok(format!("{token}.{}", Jwk::from_value(&account.jwk)?.thumbprint()))
+    Ok(format!(
+        "{token}.{}",
+        Jwk::from_value(&account.jwk)?.thumbprint()
+    ))
 }
 
 /// Starts validating `authz_id`'s challenge `kind` unless that validation is already running.
@@ -348,7 +465,10 @@ pub(crate) fn spawn_validation(state: &Arc<AcmeState>, authz_id: &str, kind: &st
         if let Err(e) = outcome {
             tracing::error!(authz = %authz_id, error = %e.detail, "recording a validation failed");
         }
-        st.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        st.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     });
 }
 
@@ -367,7 +487,10 @@ async fn run_validation(state: &AcmeState, authz_id: &str, kind: &str) -> Result
     let key_auth = key_authorization(&ch.token, &account)?;
     let mut result = Err(Problem::internal("validation did not run"));
     for attempt in 1..=ATTEMPTS {
-        result = state.validator.validate(kind, &authz.identifier, &ch.token, &key_auth).await;
+        result = state
+            .validator
+            .validate(kind, &authz.identifier, &ch.token, &key_auth)
+            .await;
         match &result {
             Ok(()) => break,
             Err(p) => tracing::info!(
@@ -407,7 +530,9 @@ async fn run_validation(state: &AcmeState, authz_id: &str, kind: &str) -> Result
                         let st = if *other == a.id {
                             Status::Valid
                         } else {
-                            tx.get::<AuthzRec>(other)?.map(|x| x.status).unwrap_or(Status::Invalid)
+                            tx.get::<AuthzRec>(other)?
+                                .map(|x| x.status)
+                                .unwrap_or(Status::Invalid)
                         };
                         all_valid &= st == Status::Valid;
                     }
@@ -432,8 +557,12 @@ async fn run_validation(state: &AcmeState, authz_id: &str, kind: &str) -> Result
         Ok::<_, Problem>(())
     })?;
     match &result {
-        Ok(()) => tracing::info!(identifier = %authz.identifier.value, challenge = kind, "validation succeeded"),
-        Err(p) => tracing::warn!(identifier = %authz.identifier.value, challenge = kind, error = %p.detail, "validation failed"),
+        Ok(()) => {
+            tracing::info!(identifier = %authz.identifier.value, challenge = kind, "validation succeeded")
+        }
+        Err(p) => {
+            tracing::warn!(identifier = %authz.identifier.value, challenge = kind, error = %p.detail, "validation failed")
+        }
     }
     Ok(())
 }
@@ -461,15 +590,24 @@ mod tests {
 
     #[test]
     fn reverse_names() {
-        assert_eq!(reverse_dns_name("127.0.0.1".parse().unwrap()), "1.0.0.127.in-addr.arpa");
+        assert_eq!(
+            reverse_dns_name("127.0.0.1".parse().unwrap()),
+            "1.0.0.127.in-addr.arpa"
+        );
         let v6 = reverse_dns_name("2001:db8::1".parse().unwrap());
-        assert!(v6.starts_with("1.0.0.0.") && v6.ends_with("8.b.d.0.1.0.0.2.ip6.arpa"), "{v6}");
+        assert!(
+            v6.starts_with("1.0.0.0.") && v6.ends_with("8.b.d.0.1.0.0.2.ip6.arpa"),
+            "{v6}"
+        );
     }
 
     #[test]
     fn redirects_only_to_the_same_host() {
         assert_eq!(same_host_redirect("/x", "a.test", 80).unwrap(), "/x");
-        assert_eq!(same_host_redirect("http://a.test/y", "a.test", 80).unwrap(), "/y");
+        assert_eq!(
+            same_host_redirect("http://a.test/y", "a.test", 80).unwrap(),
+            "/y"
+        );
         assert!(same_host_redirect("http://evil.test/y", "a.test", 80).is_err());
         assert!(same_host_redirect("https://a.test/y", "a.test", 80).is_err());
         assert!(same_host_redirect("//evil.test/y", "a.test", 80).is_err());
@@ -494,6 +632,11 @@ mod tests {
             kind: "dns".into(),
             value: "b.phoenix.test".into(),
         };
-        assert_eq!(check_alpn_certificate(cert.der(), &other, None, key_auth).unwrap_err().kind, ProblemType::Unauthorized);
+        assert_eq!(
+            check_alpn_certificate(cert.der(), &other, None, key_auth)
+                .unwrap_err()
+                .kind,
+            ProblemType::Unauthorized
+        );
     }
 }

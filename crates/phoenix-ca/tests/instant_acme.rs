@@ -7,7 +7,10 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::*;
-use instant_acme::{Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy};
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
+    RetryPolicy,
+};
 
 async fn new_account(ca: &TestCa) -> (Account, instant_acme::AccountCredentials) {
     Account::builder_with_root(&ca.root_path)
@@ -56,8 +59,14 @@ async fn instant_acme_obtains_dns_and_ip_certificates() {
     let ids = [Identifier::Dns("app.phoenix.test".into())];
     let mut order = account.new_order(&NewOrder::new(&ids)).await.unwrap();
     answer_http01(&mut order, &responder).await;
-    assert_eq!(order.poll_ready(&retry()).await.unwrap(), OrderStatus::Ready);
-    order.finalize_csr(&csr_der(&["app.phoenix.test"])).await.unwrap();
+    assert_eq!(
+        order.poll_ready(&retry()).await.unwrap(),
+        OrderStatus::Ready
+    );
+    order
+        .finalize_csr(&csr_der(&["app.phoenix.test"]))
+        .await
+        .unwrap();
     let chain = order.poll_certificate(&retry()).await.unwrap();
     openssl_verify(&ca.root_path, &chain, ca.dir.path());
 
@@ -65,7 +74,10 @@ async fn instant_acme_obtains_dns_and_ip_certificates() {
     let ids = [Identifier::Ip("127.0.0.1".parse().unwrap())];
     let mut order = account.new_order(&NewOrder::new(&ids)).await.unwrap();
     answer_http01(&mut order, &responder).await;
-    assert_eq!(order.poll_ready(&retry()).await.unwrap(), OrderStatus::Ready);
+    assert_eq!(
+        order.poll_ready(&retry()).await.unwrap(),
+        OrderStatus::Ready
+    );
     order.finalize_csr(&csr_der(&["127.0.0.1"])).await.unwrap();
     let chain = order.poll_certificate(&retry()).await.unwrap();
     openssl_verify(&ca.root_path, &chain, ca.dir.path());
@@ -74,7 +86,9 @@ async fn instant_acme_obtains_dns_and_ip_certificates() {
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert_eq!(
         san.value.general_names,
-        vec![x509_parser::extensions::GeneralName::IPAddress(&[127, 0, 0, 1])]
+        vec![x509_parser::extensions::GeneralName::IPAddress(&[
+            127, 0, 0, 1
+        ])]
     );
     // The leaf is short-lived (24h default) and carries serverAuth + clientAuth.
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
@@ -87,12 +101,15 @@ async fn instant_acme_obtains_dns_and_ip_certificates() {
         .extensions()
         .iter()
         .find_map(|e| match e.parsed_extension() {
-            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0.to_vec()),
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
             _ => None,
         })
         .unwrap();
     let serial = cert.raw_serial().to_vec();
-    let replaced = instant_acme::CertificateIdentifier::new(aki.as_slice().into(), serial.as_slice().into());
+    let replaced =
+        instant_acme::CertificateIdentifier::new(aki.as_slice().into(), serial.as_slice().into());
     let order = account
         .new_order(&NewOrder::new(&ids).replaces(replaced))
         .await
@@ -120,14 +137,20 @@ async fn ca_survives_restarts_mid_order() {
         .await
         .unwrap();
     let mut order = account.order(order_url.clone()).await.unwrap();
-    assert_eq!(order.poll_ready(&retry()).await.unwrap(), OrderStatus::Ready);
+    assert_eq!(
+        order.poll_ready(&retry()).await.unwrap(),
+        OrderStatus::Ready
+    );
     drop(order);
 
     // And once more just before finalize.
     ca.restart().await;
     let mut order = account.order(order_url).await.unwrap();
     assert_eq!(order.state().status, OrderStatus::Ready);
-    order.finalize_csr(&csr_der(&["app.phoenix.test"])).await.unwrap();
+    order
+        .finalize_csr(&csr_der(&["app.phoenix.test"]))
+        .await
+        .unwrap();
     let chain = order.poll_certificate(&retry()).await.unwrap();
     openssl_verify(&ca.root_path, &chain, ca.dir.path());
 }
@@ -147,9 +170,19 @@ async fn endpoints_permissions_and_operator_commands() {
         .unwrap();
     assert_eq!(health, serde_json::json!({"status": "ok"}));
 
-    let roots = http.get(format!("{}/roots.pem", ca.base())).send().await.unwrap().text().await.unwrap();
+    let roots = http
+        .get(format!("{}/roots.pem", ca.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(roots, ca.root_pem());
-    let der = x509_parser::pem::parse_x509_pem(roots.as_bytes()).unwrap().1.contents;
+    let der = x509_parser::pem::parse_x509_pem(roots.as_bytes())
+        .unwrap()
+        .1
+        .contents;
     use sha2::Digest;
     assert_eq!(hex::encode(sha2::Sha256::digest(&der)), ca.fingerprint);
     let inter = http
@@ -167,12 +200,23 @@ async fn endpoints_permissions_and_operator_commands() {
     assert_eq!(r.version(), http::Version::HTTP_2);
     assert!(r.headers().get("replay-nonce").is_some());
     // newNonce: HEAD 200 and GET 204, both with a nonce and no-store.
-    let head = http.head(format!("{}/acme/new-nonce", ca.base())).send().await.unwrap();
+    let head = http
+        .head(format!("{}/acme/new-nonce", ca.base()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()["cache-control"], "no-store");
-    let get = http.get(format!("{}/acme/new-nonce", ca.base())).send().await.unwrap();
+    let get = http
+        .get(format!("{}/acme/new-nonce", ca.base()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(get.status(), 204);
-    assert_ne!(head.headers()["replay-nonce"], get.headers()["replay-nonce"]);
+    assert_ne!(
+        head.headers()["replay-nonce"],
+        get.headers()["replay-nonce"]
+    );
     // Bodies over 64 KiB are refused.
     let big = http
         .post(format!("{}/acme/new-order", ca.base()))
@@ -191,11 +235,20 @@ async fn endpoints_permissions_and_operator_commands() {
     assert_eq!(mode(&ca.cfg.data_dir.join("ca.redb")), 0o600);
 
     // init refuses to overwrite; operator commands refuse while the server holds the store.
-    assert!(matches!(phoenix_ca::init(&ca.cfg), Err(phoenix_ca::CaError::AlreadyInitialised { .. })));
+    assert!(matches!(
+        phoenix_ca::init(&ca.cfg),
+        Err(phoenix_ca::CaError::AlreadyInitialised { .. })
+    ));
     let locked = phoenix_ca::list(&ca.cfg).unwrap_err();
-    assert!(matches!(locked, phoenix_ca::CaError::Locked { .. }), "{locked}");
+    assert!(
+        matches!(locked, phoenix_ca::CaError::Locked { .. }),
+        "{locked}"
+    );
     assert!(locked.to_string().contains("is running"), "{locked}");
-    assert!(matches!(phoenix_ca::eab_new(&ca.cfg), Err(phoenix_ca::CaError::Locked { .. })));
+    assert!(matches!(
+        phoenix_ca::eab_new(&ca.cfg),
+        Err(phoenix_ca::CaError::Locked { .. })
+    ));
 
     ca.stop().await;
     let out = ca.dir.path().join("issued");
@@ -223,10 +276,17 @@ async fn endpoints_permissions_and_operator_commands() {
         phoenix_ca::revoke(&ca.cfg, &issued.serial),
         Err(phoenix_ca::CaError::AlreadyRevoked(_))
     ));
-    assert!(matches!(phoenix_ca::revoke(&ca.cfg, "0badc0de"), Err(phoenix_ca::CaError::UnknownSerial(_))));
+    assert!(matches!(
+        phoenix_ca::revoke(&ca.cfg, "0badc0de"),
+        Err(phoenix_ca::CaError::UnknownSerial(_))
+    ));
     let listed = phoenix_ca::list(&ca.cfg).unwrap();
     assert_eq!(
-        listed.iter().find(|c| c.serial == issued.serial).unwrap().status,
+        listed
+            .iter()
+            .find(|c| c.serial == issued.serial)
+            .unwrap()
+            .status,
         phoenix_ca::CertStatus::Revoked
     );
     let (kid, key) = phoenix_ca::eab_new(&ca.cfg).unwrap();
@@ -234,7 +294,15 @@ async fn endpoints_permissions_and_operator_commands() {
 
     // A server started afterwards lists the operator's revocation in its CRL.
     ca.restart().await;
-    let crl = ca.https().get(format!("{}/crl", ca.base())).send().await.unwrap().bytes().await.unwrap();
+    let crl = ca
+        .https()
+        .get(format!("{}/crl", ca.base()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     use x509_parser::prelude::FromDer;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&crl).unwrap();
     assert!(crl

@@ -41,8 +41,21 @@ impl AcmeHttp {
     }
 }
 
+/// reqwest's errors say "error sending request" and keep the reason (connection refused,
+/// certificate not trusted, ...) in their source chain, which instant-acme's messages do not
+/// show: flatten the chain into the message so that the operator sees why.
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> instant_acme::Error {
-    instant_acme::Error::Other(Box::new(e))
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    instant_acme::Error::Other(message.into())
 }
 
 impl HttpClient for AcmeHttp {
@@ -68,7 +81,10 @@ impl HttpClient for AcmeHttp {
                 *headers = response.headers().clone();
             }
             let bytes = response.bytes().await.map_err(other)?;
-            let (parts, ()) = head.body(()).map_err(instant_acme::Error::Http)?.into_parts();
+            let (parts, ()) = head
+                .body(())
+                .map_err(instant_acme::Error::Http)?
+                .into_parts();
             Ok(BytesResponse {
                 parts,
                 body: Box::new(bytes),

@@ -122,11 +122,7 @@ impl Provisioned {
     }
 
     /// Serves `key` for acme-tls/1 handshakes naming `identifier`.
-    pub(crate) fn tls_alpn01(
-        &mut self,
-        identifier: &str,
-        key: Arc<rustls::sign::CertifiedKey>,
-    ) {
+    pub(crate) fn tls_alpn01(&mut self, identifier: &str, key: Arc<rustls::sign::CertifiedKey>) {
         let name = tls_alpn01_server_name(identifier);
         self.resolver.set_challenge(&name, key);
         self.tls_names.push(name);
@@ -160,8 +156,14 @@ mod tests {
 
     #[test]
     fn reverse_names_for_ip_identifiers() {
-        assert_eq!(tls_alpn01_server_name("127.0.0.1"), "1.0.0.127.in-addr.arpa");
-        assert_eq!(tls_alpn01_server_name("Mesh.Phoenix.Test"), "mesh.phoenix.test");
+        assert_eq!(
+            tls_alpn01_server_name("127.0.0.1"),
+            "1.0.0.127.in-addr.arpa"
+        );
+        assert_eq!(
+            tls_alpn01_server_name("Mesh.Phoenix.Test"),
+            "mesh.phoenix.test"
+        );
         let v6 = tls_alpn01_server_name("2001:db8::1");
         assert!(v6.starts_with("1.0.0.0.0.0.0.0."), "{v6}");
         assert!(v6.ends_with("8.b.d.0.1.0.0.2.ip6.arpa"), "{v6}");
@@ -174,9 +176,7 @@ mod tests {
         tokens.insert("abc", "abc.thumb");
         assert_eq!(tokens.get("abc").as_deref(), Some("abc.thumb"));
         assert_eq!(
-            tokens
-                .respond("/.well-known/acme-challenge/abc")
-                .as_deref(),
+            tokens.respond("/.well-known/acme-challenge/abc").as_deref(),
             Some("abc.thumb")
         );
         assert_eq!(tokens.respond("/abc"), None);
@@ -187,7 +187,11 @@ mod tests {
             p.http01(&tokens, "def", "def.thumb");
             assert!(tokens.get("def").is_some());
         }
-        assert_eq!(tokens.get("def"), None, "dropping the guard withdraws the token");
+        assert_eq!(
+            tokens.get("def"),
+            None,
+            "dropping the guard withdraws the token"
+        );
         assert!(tokens.get("abc").is_some());
     }
 }

@@ -25,7 +25,7 @@ mod trust;
 use std::path::PathBuf;
 
 pub use challenge::{Challenge, Http01Tokens};
-pub use manager::{AcmeSettings, CertManager, CertSpec, CertState};
+pub use manager::{AcmeSettings, CertManager, CertSpec, CertState, RenewalSchedule};
 pub use schedule::{Backoff, Clock, ManualClock, SystemClock};
 pub use trust::{bootstrap_trust, normalize_fingerprint, TrustBundle, TrustSource};
 

@@ -75,6 +75,16 @@ pub struct CertState {
     pub serial: String,
 }
 
+/// What the renewal loop is waiting for (see [`CertManager::schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewalSchedule {
+    /// When the served certificate will be renewed.
+    pub renew_at: OffsetDateTime,
+    /// When the loop wakes next: `renew_at`, or earlier to fetch the CA's renewal information
+    /// again.
+    pub next_check: OffsetDateTime,
+}
+
 /// What the renewal loop needs to know about the served certificate.
 #[derive(Debug, Clone)]
 struct Installed {
@@ -107,6 +117,7 @@ pub struct CertManager {
     ordering: tokio::sync::Mutex<()>,
     /// Failed attempts since the last success, for health reporting.
     failures: std::sync::atomic::AtomicU64,
+    schedule: Mutex<Option<RenewalSchedule>>,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -136,6 +147,7 @@ impl CertManager {
             account: tokio::sync::Mutex::new(None),
             ordering: tokio::sync::Mutex::new(()),
             failures: std::sync::atomic::AtomicU64::new(0),
+            schedule: Mutex::new(None),
         }
     }
 
@@ -165,13 +177,25 @@ impl CertManager {
         self.failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// What [`CertManager::run`] is sleeping until; `None` while it obtains a certificate (or
+    /// backs off after a failure) and when it is not running. For status pages and metrics.
+    pub fn schedule(&self) -> Option<RenewalSchedule> {
+        *self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_schedule(&self, schedule: Option<RenewalSchedule>) {
+        *self.schedule.lock().unwrap_or_else(PoisonError::into_inner) = schedule;
+    }
+
     /// Follows the served certificate: the receiver sees every installation.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<CertState>> {
         self.watch.subscribe()
     }
 
     fn lock_installed(&self) -> std::sync::MutexGuard<'_, Option<Installed>> {
-        self.installed.lock().unwrap_or_else(PoisonError::into_inner)
+        self.installed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Loads `cert.pem`/`key.pem` from the directory if they are present, still valid and for
@@ -289,10 +313,18 @@ impl CertManager {
                         None => due,
                     };
                     tracing::debug!(%due, %wake, "next certificate renewal");
+                    self.set_schedule(Some(RenewalSchedule {
+                        renew_at: due,
+                        next_check: wake,
+                    }));
                     tokio::select! {
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => {
+                            self.set_schedule(None);
+                            return;
+                        }
                         () = self.clock.sleep_until(wake) => {}
                     }
+                    self.set_schedule(None);
                     // Woken to look at the renewal information again, or renewal is due now.
                     continue;
                 }
@@ -307,7 +339,8 @@ impl CertManager {
                     self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => {
-                    self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let delay = backoff.next_delay(rand::random::<f64>());
                     self.log_failure(&e, delay);
                     tokio::select! {
@@ -412,7 +445,8 @@ impl CertManager {
         let mut want_names = self.spec.names.clone();
         want_names.sort();
         want_names.dedup();
-        let mut have_names: Vec<String> = info.dns_names.iter().map(|n| normalize_name(n)).collect();
+        let mut have_names: Vec<String> =
+            info.dns_names.iter().map(|n| normalize_name(n)).collect();
         have_names.sort();
         have_names.dedup();
         let mut want_ips = self.spec.ips.clone();
@@ -506,12 +540,13 @@ impl CertManager {
                     .await
                 {
                     Ok(order) => Ok(order),
-                    Err(e) => {
+                    Err(e @ instant_acme::Error::Api(_)) => {
                         // E.g. the account was recreated and the old certificate belongs to
                         // the previous one: an ordinary order still renews.
                         tracing::debug!(error = %e, "order with `replaces` refused; ordering without");
                         account.new_order(&NewOrder::new(&identifiers)).await
                     }
+                    Err(e) => Err(e),
                 }
             }
             None => account.new_order(&NewOrder::new(&identifiers)).await,
@@ -593,7 +628,9 @@ impl CertManager {
             params.subject_alt_names.push(rcgen::SanType::DnsName(dns));
         }
         for ip in &self.spec.ips {
-            params.subject_alt_names.push(rcgen::SanType::IpAddress(*ip));
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::IpAddress(*ip));
         }
         let csr = params
             .serialize_request(&key)
@@ -663,12 +700,14 @@ fn challenge_key(
     let provider = rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-    let key = rustls::sign::CertifiedKey::from_der(
-        vec![CertificateDer::from(cert)],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        &provider,
-    )
-    .map_err(|e| CertsError::Certificate(format!("tls-alpn-01 certificate: {e}")))?;
+    // `CertifiedKey::from_der` would check that key and certificate match by parsing the
+    // certificate with webpki, which refuses the critical acmeIdentifier extension RFC 8737
+    // requires. The pair was generated together a moment ago, so the check adds nothing.
+    let signing_key = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)))
+        .map_err(|e| CertsError::Certificate(format!("tls-alpn-01 key: {e}")))?;
+    let key = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(cert)], signing_key);
     Ok(Arc::new(key))
 }
 
@@ -732,6 +771,128 @@ mod tests {
         assert_eq!(decode_eab_key("_-8").unwrap(), vec![0xff, 0xef]);
         assert_eq!(decode_eab_key("/+8=").unwrap(), vec![0xff, 0xef]);
         assert!(matches!(decode_eab_key("!!"), Err(CertsError::Config(_))));
+    }
+
+    /// What a validation server sees (RFC 8737 section 3): over ALPN `acme-tls/1` with the
+    /// identifier as SNI, exactly the challenge certificate, whose acmeIdentifier holds
+    /// SHA-256(key authorization); nothing once the challenge is withdrawn. The validator here
+    /// checks the handshake signature against the raw public key, because webpki refuses the
+    /// (required) critical acmeIdentifier extension.
+    #[tokio::test]
+    async fn tls_alpn01_answer_is_the_rfc8737_certificate() {
+        use rustls::client::danger::{
+            HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+        };
+        use rustls::{DigitallySignedStruct, SignatureScheme};
+        use rustls_pki_types::{ServerName, SubjectPublicKeyInfoDer, UnixTime};
+
+        #[derive(Debug)]
+        struct RawKeyValidator(Arc<rustls::crypto::CryptoProvider>);
+        impl ServerCertVerifier for RawKeyValidator {
+            fn verify_server_cert(
+                &self,
+                _: &CertificateDer<'_>,
+                _: &[CertificateDer<'_>],
+                _: &ServerName<'_>,
+                _: &[u8],
+                _: UnixTime,
+            ) -> Result<ServerCertVerified, rustls::Error> {
+                Ok(ServerCertVerified::assertion())
+            }
+            fn verify_tls12_signature(
+                &self,
+                _: &[u8],
+                _: &CertificateDer<'_>,
+                _: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                Err(rustls::Error::General("TLS 1.3 only".into()))
+            }
+            fn verify_tls13_signature(
+                &self,
+                message: &[u8],
+                cert: &CertificateDer<'_>,
+                dss: &DigitallySignedStruct,
+            ) -> Result<HandshakeSignatureValid, rustls::Error> {
+                let spki = phoenix_pki::parse_cert(cert.as_ref())
+                    .map_err(|e| rustls::Error::General(e.to_string()))?
+                    .spki_der;
+                rustls::crypto::verify_tls13_signature_with_raw_key(
+                    message,
+                    &SubjectPublicKeyInfoDer::from(spki),
+                    dss,
+                    &self.0.signature_verification_algorithms,
+                )
+            }
+            fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+                self.0.signature_verification_algorithms.supported_schemes()
+            }
+        }
+
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let resolver = CertResolver::new();
+        let acceptor = tokio_rustls::TlsAcceptor::from(phoenix_proxy::tls::server_config(
+            resolver.clone(),
+            None,
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(RawKeyValidator(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let validate = |sni: &'static str| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let tls = connector
+                    .connect(ServerName::try_from(sni).unwrap(), tcp)
+                    .await?;
+                let (_, conn) = tls.get_ref();
+                assert_eq!(conn.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+                Ok::<_, std::io::Error>(conn.peer_certificates().unwrap()[0].to_vec())
+            }
+        };
+
+        let key_authorization = "token.thumbprint";
+        let mut provisioned = Provisioned::new(resolver.clone());
+        provisioned.tls_alpn01(
+            "mesh.phoenix.test",
+            challenge_key("mesh.phoenix.test", key_authorization).unwrap(),
+        );
+        provisioned.tls_alpn01(
+            "127.0.0.1",
+            challenge_key("127.0.0.1", key_authorization).unwrap(),
+        );
+        let expected = independent_sha256(key_authorization);
+        for sni in ["mesh.phoenix.test", "1.0.0.127.in-addr.arpa"] {
+            let der = validate(sni).await.unwrap();
+            assert_eq!(
+                phoenix_pki::tls_alpn01_ext_digest(&der).unwrap(),
+                Some(expected.clone()),
+                "{sni}"
+            );
+        }
+        assert!(validate("other.phoenix.test").await.is_err());
+        drop(provisioned);
+        assert!(validate("mesh.phoenix.test").await.is_err(), "withdrawn");
+    }
+
+    fn independent_sha256(s: &str) -> Vec<u8> {
+        // The digest RFC 8737 puts in acmeIdentifier, computed independently of phoenix-pki.
+        use sha2::Digest as _;
+        sha2::Sha256::digest(s.as_bytes()).to_vec()
     }
 
     #[test]

@@ -15,7 +15,10 @@ use time::OffsetDateTime;
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> OffsetDateTime;
     /// Completes once `now() >= deadline`.
-    fn sleep_until(&self, deadline: OffsetDateTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    fn sleep_until(
+        &self,
+        deadline: OffsetDateTime,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 /// The real clock.
@@ -31,7 +34,10 @@ impl Clock for SystemClock {
         OffsetDateTime::now_utc()
     }
 
-    fn sleep_until(&self, deadline: OffsetDateTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn sleep_until(
+        &self,
+        deadline: OffsetDateTime,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             loop {
                 let left = deadline - OffsetDateTime::now_utc();
@@ -74,7 +80,10 @@ impl Clock for ManualClock {
         *self.now.borrow()
     }
 
-    fn sleep_until(&self, deadline: OffsetDateTime) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn sleep_until(
+        &self,
+        deadline: OffsetDateTime,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         let mut rx = self.now.subscribe();
         Box::pin(async move {
             loop {
@@ -162,9 +171,15 @@ mod tests {
     fn renews_at_two_thirds_without_ari() {
         let nb = datetime!(2026-01-01 00:00 UTC);
         let na = nb + time::Duration::seconds(30);
-        assert_eq!(renewal_time(nb, na, None, 0.5), nb + time::Duration::seconds(20));
+        assert_eq!(
+            renewal_time(nb, na, None, 0.5),
+            nb + time::Duration::seconds(20)
+        );
         let na = nb + time::Duration::hours(24);
-        assert_eq!(renewal_time(nb, na, None, 0.9), nb + time::Duration::hours(16));
+        assert_eq!(
+            renewal_time(nb, na, None, 0.9),
+            nb + time::Duration::hours(16)
+        );
     }
 
     #[test]
@@ -174,10 +189,19 @@ mod tests {
         // The CA wants an early renewal (e.g. the certificate is about to be revoked).
         let early = (nb + time::Duration::hours(1), nb + time::Duration::hours(3));
         assert_eq!(renewal_time(nb, na, Some(early), 0.0), early.0);
-        assert_eq!(renewal_time(nb, na, Some(early), 0.5), nb + time::Duration::hours(2));
+        assert_eq!(
+            renewal_time(nb, na, Some(early), 0.5),
+            nb + time::Duration::hours(2)
+        );
         // A window after two thirds does not postpone renewal.
-        let late = (nb + time::Duration::hours(20), nb + time::Duration::hours(22));
-        assert_eq!(renewal_time(nb, na, Some(late), 0.5), nb + time::Duration::hours(16));
+        let late = (
+            nb + time::Duration::hours(20),
+            nb + time::Duration::hours(22),
+        );
+        assert_eq!(
+            renewal_time(nb, na, Some(late), 0.5),
+            nb + time::Duration::hours(16)
+        );
         // A window in the past means "now": the result is already due.
         let past = (nb - time::Duration::hours(2), nb - time::Duration::hours(1));
         assert!(renewal_time(nb, na, Some(past), 0.7) < nb);
@@ -195,7 +219,10 @@ mod tests {
             let mut probe = b.clone();
             assert_eq!(probe.next_delay(0.0), ceiling);
             let d = b.next_delay(0.999);
-            assert!(d < ceiling && d >= ceiling.mul_f64(0.75), "{d:?} vs {ceiling:?}");
+            assert!(
+                d < ceiling && d >= ceiling.mul_f64(0.75),
+                "{d:?} vs {ceiling:?}"
+            );
         }
         b.reset();
         assert_eq!(b.next_delay(0.0), Duration::from_secs(1));

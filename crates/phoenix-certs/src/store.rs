@@ -118,12 +118,12 @@ pub(crate) fn load_account(dir: &Path) -> Result<Option<StoredAccount>, CertsErr
         return Ok(None);
     };
     tighten_secret(&path)?;
-    serde_json::from_str(&text).map(Some).map_err(|e| {
-        CertsError::Io {
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| CertsError::Io {
             path,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        }
-    })
+        })
 }
 
 pub(crate) fn save_account(dir: &Path, account: &StoredAccount) -> Result<(), CertsError> {

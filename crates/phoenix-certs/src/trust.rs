@@ -202,13 +202,7 @@ fn verify_presented_chain(
         .build()
         .map_err(|e| e.to_string())?;
     verifier
-        .verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            &[],
-            UnixTime::now(),
-        )
+        .verify_server_cert(end_entity, intermediates, server_name, &[], UnixTime::now())
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -299,7 +293,10 @@ async fn fetch_provisionally(target: &CaTarget) -> Result<Fetched, String> {
     });
     let request = http::Request::get(format!("{}/roots.pem", target.prefix))
         .header(http::header::HOST, &target.authority)
-        .header(http::header::ACCEPT, "application/pem-certificate-chain, */*")
+        .header(
+            http::header::ACCEPT,
+            "application/pem-certificate-chain, */*",
+        )
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let response = sender

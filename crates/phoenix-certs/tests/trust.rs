@@ -39,11 +39,9 @@ async fn fingerprint_bootstrap_trusts_exactly_the_ca_root() {
 
     // The bundle is usable: a client built from it reaches the CA with verification on.
     let client = reqwest::Client::builder()
-        .use_preconfigured_tls(rustls::ClientConfig::clone(&phoenix_proxy::tls::client_config(
-            bundle.roots.clone(),
-            &[b"http/1.1"],
-            None,
-        )))
+        .use_preconfigured_tls(rustls::ClientConfig::clone(
+            &phoenix_proxy::tls::client_config(bundle.roots.clone(), &[b"http/1.1"], None),
+        ))
         .no_proxy()
         .build()
         .unwrap();
@@ -76,7 +74,10 @@ async fn wrong_fingerprint_is_refused_with_both_values() {
         other => panic!("expected a fingerprint error, got {other:?}"),
     }
     let message = err.to_string();
-    assert!(message.contains(&wrong) && message.contains(&ca.fingerprint), "{message}");
+    assert!(
+        message.contains(&wrong) && message.contains(&ca.fingerprint),
+        "{message}"
+    );
 
     // A malformed fingerprint is a configuration error, before any connection.
     let err = bootstrap_trust(&TrustSource::Fingerprint {
@@ -113,7 +114,9 @@ async fn relayed_root_from_a_server_of_another_ca_is_refused() {
         })
         .unwrap();
     let resolver = CertResolver::new();
-    resolver.set_default(phoenix_proxy::tls::certified_key_from_pem(&leaf.chain_pem, &key_pem).unwrap());
+    resolver.set_default(
+        phoenix_proxy::tls::certified_key_from_pem(&leaf.chain_pem, &key_pem).unwrap(),
+    );
     let acceptor =
         tokio_rustls::TlsAcceptor::from(phoenix_proxy::tls::server_config(resolver, None));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -130,7 +133,11 @@ async fn relayed_root_from_a_server_of_another_ca_is_refused() {
                 };
                 let service = hyper::service::service_fn(move |_req| {
                     let body = relayed.clone();
-                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body)))) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
@@ -147,7 +154,9 @@ async fn relayed_root_from_a_server_of_another_ca_is_refused() {
     .unwrap_err();
     match &err {
         CertsError::Fingerprint {
-            expected, actual, detail,
+            expected,
+            actual,
+            detail,
         } => {
             assert_eq!(expected, &real.fingerprint);
             assert!(detail.contains("does not chain"), "{detail}");
@@ -176,10 +185,14 @@ async fn root_file_and_pem_sources() {
     init();
     let ca = TestCa::start(1, 1).await;
     let path = ca.cfg.data_dir.join("root.pem");
-    let from_file = bootstrap_trust(&TrustSource::RootFile(path.clone())).await.unwrap();
+    let from_file = bootstrap_trust(&TrustSource::RootFile(path.clone()))
+        .await
+        .unwrap();
     assert_eq!(from_file.fingerprint, ca.fingerprint);
     assert_eq!(from_file.roots.len(), 1);
-    let from_pem = bootstrap_trust(&TrustSource::Pem(ca.root_pem.clone())).await.unwrap();
+    let from_pem = bootstrap_trust(&TrustSource::Pem(ca.root_pem.clone()))
+        .await
+        .unwrap();
     assert_eq!(from_pem.fingerprint, ca.fingerprint);
 
     let missing = bootstrap_trust(&TrustSource::RootFile(ca.dir.path().join("nope.pem")))

@@ -14,3 +14,7 @@ pub mod forward;
 pub mod metrics;
 pub mod admin;
 pub mod whoami;
+pub mod middleware;
+pub mod table;
+pub mod proxy;
+pub mod server;

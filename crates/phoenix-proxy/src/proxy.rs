@@ -265,7 +265,6 @@ impl Proxy {
             let resp = Response::from_parts(rparts, body::boxed(full));
             return self.finish(resp, log, guard);
         }
-        log.path = parts.uri.path().to_owned();
 
         // Body size limit: the smaller of the listener's and the route's.
         let limit = match (

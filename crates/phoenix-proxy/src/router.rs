@@ -50,7 +50,9 @@ impl<T> Router<T> {
         for (index, entry) in routes.into_iter().enumerate() {
             match Rule::parse(&entry.rule) {
                 Ok(rule) => compiled.push(CompiledRoute {
-                    priority: entry.priority.unwrap_or_else(|| default_priority(&entry.rule)),
+                    priority: entry
+                        .priority
+                        .unwrap_or_else(|| default_priority(&entry.rule)),
                     rule,
                     source: entry.rule.into_boxed_str(),
                     target: entry.target,
@@ -62,7 +64,7 @@ impl<T> Router<T> {
             return Err(errors);
         }
         // A stable sort keeps definition order among equal priorities.
-        compiled.sort_by(|a, b| b.priority.cmp(&a.priority));
+        compiled.sort_by_key(|r| std::cmp::Reverse(r.priority));
 
         let mut by_host: HashMap<Box<str>, Vec<u32>> = HashMap::new();
         let mut any_host = Vec::new();
@@ -83,7 +85,10 @@ impl<T> Router<T> {
         }
         Ok(Router {
             routes: compiled,
-            by_host: by_host.into_iter().map(|(h, v)| (h, v.into_boxed_slice())).collect(),
+            by_host: by_host
+                .into_iter()
+                .map(|(h, v)| (h, v.into_boxed_slice()))
+                .collect(),
             any_host: any_host.into_boxed_slice(),
         })
     }
@@ -94,7 +99,11 @@ impl<T> Router<T> {
         if host.bytes().any(|b| b.is_ascii_uppercase()) {
             // The contract is a lowercase host; if a caller breaks it, stay correct (Host matching
             // is case-insensitive) at the price of a scan rather than lowercasing into a new string.
-            return self.routes.iter().find(|r| r.rule.matches(req)).map(|r| &r.target);
+            return self
+                .routes
+                .iter()
+                .find(|r| r.rule.matches(req))
+                .map(|r| &r.target);
         }
         let indexed: &[u32] = self.by_host.get(host).map_or(&[], |v| v);
         let (mut a, mut b) = (indexed.iter().peekable(), self.any_host.iter().peekable());
@@ -115,7 +124,9 @@ impl<T> Router<T> {
 
     /// Routes in match order: `(rule, effective priority, target)`. For diagnostics and diagrams.
     pub fn entries(&self) -> impl Iterator<Item = (&str, i64, &T)> {
-        self.routes.iter().map(|r| (&*r.source, r.priority, &r.target))
+        self.routes
+            .iter()
+            .map(|r| (&*r.source, r.priority, &r.target))
     }
 
     pub fn len(&self) -> usize {
@@ -134,10 +145,14 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     fn entry(rule: &str, priority: Option<i64>, target: &'static str) -> RouterEntry<&'static str> {
-        RouterEntry { rule: rule.to_owned(), priority, target }
+        RouterEntry {
+            rule: rule.to_owned(),
+            priority,
+            target,
+        }
     }
 
-    fn route<'r>(router: &'r Router<&'static str>, host: &str, path: &str) -> Option<&'static str> {
+    fn route(router: &Router<&'static str>, host: &str, path: &str) -> Option<&'static str> {
         let headers = HeaderMap::new();
         let req = RequestView {
             method: &Method::GET,
@@ -154,7 +169,11 @@ mod tests {
     fn longer_rule_wins_by_default() {
         let router = Router::new(vec![
             entry("Host(`app.phoenix.test`)", None, "host"),
-            entry("Host(`app.phoenix.test`) && PathPrefix(`/api`)", None, "api"),
+            entry(
+                "Host(`app.phoenix.test`) && PathPrefix(`/api`)",
+                None,
+                "api",
+            ),
             entry("PathPrefix(`/`)", None, "catch-all"),
             // 14 characters: shorter than the catch-all's 15, so the catch-all wins (as in Traefik).
             entry("Host(`a.test`)", None, "short-host"),
@@ -226,7 +245,12 @@ mod tests {
 
     #[test]
     fn indexed_routes_still_evaluate_the_whole_rule() {
-        let router = Router::new(vec![entry("Host(`a.test`) && !Path(`/private`)", None, "a")]).unwrap();
+        let router = Router::new(vec![entry(
+            "Host(`a.test`) && !Path(`/private`)",
+            None,
+            "a",
+        )])
+        .unwrap();
         assert_eq!(route(&router, "a.test", "/public"), Some("a"));
         assert_eq!(route(&router, "a.test", "/private"), None);
     }
@@ -256,7 +280,11 @@ mod tests {
         let indexes: Vec<_> = errors.iter().map(|(i, _)| *i).collect();
         assert_eq!(indexes, [1, 2]);
         assert_eq!(errors[0].1.column, 1);
-        assert!(errors[0].1.message.contains("did you mean `Host`"), "{}", errors[0].1);
+        assert!(
+            errors[0].1.message.contains("did you mean `Host`"),
+            "{}",
+            errors[0].1
+        );
         assert_eq!(errors[1].1.column, 10);
     }
 

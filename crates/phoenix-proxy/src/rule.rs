@@ -80,6 +80,8 @@ const MAX_DEPTH: usize = 64;
 /// Compiled size limit of one regex; large enough for any sensible route, small enough that a
 /// pathological pattern fails at load time instead of eating memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Most regexes in one rule; with the size limit this bounds the memory one rule can take.
+const MAX_REGEXES: usize = 64;
 
 impl Rule {
     /// Parses and compiles a rule. Errors point at the column of the offending token.
@@ -87,24 +89,41 @@ impl Rule {
         if src.len() > MAX_RULE_LEN {
             return Err(RuleError {
                 column: 1,
-                message: format!("rule is {} bytes long; at most {MAX_RULE_LEN} are accepted", src.len()),
+                message: format!(
+                    "rule is {} bytes long; at most {MAX_RULE_LEN} are accepted",
+                    src.len()
+                ),
             });
         }
-        let mut parser = Parser { src, tokens: Lexer::new(src).tokenize()?, pos: 0, depth: 0 };
+        let mut parser = Parser {
+            src,
+            tokens: Lexer::new(src).tokenize()?,
+            pos: 0,
+            depth: 0,
+            regexes: std::cell::Cell::new(0),
+        };
         if parser.peek().kind == TokenKind::End {
-            return Err(parser.error_at(0, "empty rule; write a matcher such as Host(`example.com`)"));
+            return Err(
+                parser.error_at(0, "empty rule; write a matcher such as Host(`example.com`)")
+            );
         }
         let expr = parser.parse_or()?;
         let token = parser.peek();
         if token.kind != TokenKind::End {
             let message = match token.kind {
                 TokenKind::RParen => "unexpected `)` without a matching `(`".to_owned(),
-                _ => format!("unexpected {} after a complete expression; join matchers with `&&` or `||`", token.kind.describe()),
+                _ => format!(
+                    "unexpected {} after a complete expression; join matchers with `&&` or `||`",
+                    token.kind.describe()
+                ),
             };
             return Err(parser.error_at(token.offset, message));
         }
         let required_hosts = required_hosts(&expr);
-        Ok(Rule { expr, required_hosts })
+        Ok(Rule {
+            expr,
+            required_hosts,
+        })
     }
 
     /// Whether the request satisfies the rule. Does not allocate except for `QueryRegexp` on a
@@ -161,11 +180,13 @@ impl HostPattern {
         let host = host.strip_suffix('.').unwrap_or(host);
         match self {
             HostPattern::Exact(h) => host.eq_ignore_ascii_case(h),
-            HostPattern::OneLabel(suffix) => {
-                strip_suffix_ignore_case(host, suffix).is_some_and(|label| !label.is_empty() && !label.contains('.'))
+            HostPattern::OneLabel(suffix) => strip_suffix_ignore_case(host, suffix)
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            HostPattern::AnyLabels(suffix) => {
+                strip_suffix_ignore_case(host, suffix).is_some_and(|labels| {
+                    !labels.is_empty() && !labels.starts_with('.') && !labels.ends_with('.')
+                })
             }
-            HostPattern::AnyLabels(suffix) => strip_suffix_ignore_case(host, suffix)
-                .is_some_and(|labels| !labels.is_empty() && !labels.starts_with('.') && !labels.ends_with('.')),
         }
     }
 }
@@ -200,12 +221,16 @@ impl Matcher {
             Matcher::Host(patterns) => patterns.iter().any(|p| p.matches(req.host)),
             Matcher::HostRegexp(res) => res.iter().any(|re| re.is_match(req.host)),
             Matcher::Path(paths) => paths.iter().any(|p| p == req.path),
-            Matcher::PathPrefix(prefixes) => prefixes.iter().any(|p| req.path.starts_with(p.as_str())),
+            Matcher::PathPrefix(prefixes) => {
+                prefixes.iter().any(|p| req.path.starts_with(p.as_str()))
+            }
             Matcher::PathRegexp(res) => res.iter().any(|re| re.is_match(req.path)),
             Matcher::Method(methods) => methods.iter().any(|m| m == req.method),
-            Matcher::Header { name, value } => {
-                req.headers.get_all(name).iter().any(|v| v.as_bytes() == value.as_bytes())
-            }
+            Matcher::Header { name, value } => req
+                .headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.as_bytes() == value.as_bytes()),
             Matcher::HeaderRegexp { name, regex } => req
                 .headers
                 .get_all(name)
@@ -214,8 +239,9 @@ impl Matcher {
             Matcher::Query { key, value } => query_pairs(req.query).any(|(k, v)| {
                 decoded_eq(k, key) && value.as_ref().is_none_or(|want| decoded_eq(v, want))
             }),
-            Matcher::QueryRegexp { key, regex } => query_pairs(req.query)
-                .any(|(k, v)| decoded_eq(k, key) && with_decoded(v, |s| s.is_some_and(|s| regex.is_match(s)))),
+            Matcher::QueryRegexp { key, regex } => query_pairs(req.query).any(|(k, v)| {
+                decoded_eq(k, key) && with_decoded(v, |s| s.is_some_and(|s| regex.is_match(s)))
+            }),
             Matcher::ClientIp(nets) => {
                 let ip = req.client_ip.to_canonical();
                 nets.iter().any(|n| n.contains(&ip))
@@ -245,7 +271,10 @@ fn decode_bytes(raw: &str) -> impl Iterator<Item = u8> + '_ {
         i += 1;
         Some(match b {
             b'+' => b' ',
-            b'%' => match (bytes.get(i).and_then(|h| hex_val(*h)), bytes.get(i + 1).and_then(|l| hex_val(*l))) {
+            b'%' => match (
+                bytes.get(i).and_then(|h| hex_val(*h)),
+                bytes.get(i + 1).and_then(|l| hex_val(*l)),
+            ) {
                 (Some(h), Some(l)) => {
                     i += 2;
                     h << 4 | l
@@ -371,7 +400,10 @@ impl<'a> Lexer<'a> {
     }
 
     fn error(&self, offset: usize, message: impl Into<String>) -> RuleError {
-        RuleError { column: column_of(self.src, offset), message: message.into() }
+        RuleError {
+            column: column_of(self.src, offset),
+            message: message.into(),
+        }
     }
 
     fn tokenize(mut self) -> Result<Vec<Token>, RuleError> {
@@ -392,11 +424,17 @@ impl<'a> Lexer<'a> {
         self.pos += rest.len() - trimmed.len();
         let start = self.pos;
         let Some(c) = trimmed.chars().next() else {
-            return Ok(Token { kind: TokenKind::End, offset: start });
+            return Ok(Token {
+                kind: TokenKind::End,
+                offset: start,
+            });
         };
         let single = |kind, lexer: &mut Self| {
             lexer.pos += 1;
-            Ok(Token { kind, offset: start })
+            Ok(Token {
+                kind,
+                offset: start,
+            })
         };
         match c {
             '(' => single(TokenKind::LParen, self),
@@ -478,6 +516,7 @@ struct Parser<'a> {
     tokens: Vec<Token>,
     pos: usize,
     depth: usize,
+    regexes: std::cell::Cell<usize>,
 }
 
 /// A string argument and where it started.
@@ -515,7 +554,10 @@ impl<'a> Parser<'a> {
     }
 
     fn error_at(&self, offset: usize, message: impl Into<String>) -> RuleError {
-        RuleError { column: column_of(self.src, offset), message: message.into() }
+        RuleError {
+            column: column_of(self.src, offset),
+            message: message.into(),
+        }
     }
 
     fn parse_or(&mut self) -> Result<Expr, RuleError> {
@@ -524,7 +566,11 @@ impl<'a> Parser<'a> {
             self.advance();
             any.push(self.parse_and()?);
         }
-        Ok(if any.len() == 1 { any.pop().expect("one element") } else { Expr::Or(any) })
+        Ok(if any.len() == 1 {
+            any.pop().expect("one element")
+        } else {
+            Expr::Or(any)
+        })
     }
 
     fn parse_and(&mut self) -> Result<Expr, RuleError> {
@@ -533,7 +579,11 @@ impl<'a> Parser<'a> {
             self.advance();
             all.push(self.parse_unary()?);
         }
-        Ok(if all.len() == 1 { all.pop().expect("one element") } else { Expr::And(all) })
+        Ok(if all.len() == 1 {
+            all.pop().expect("one element")
+        } else {
+            Expr::And(all)
+        })
     }
 
     fn parse_unary(&mut self) -> Result<Expr, RuleError> {
@@ -585,21 +635,33 @@ impl<'a> Parser<'a> {
         if open.kind != TokenKind::LParen {
             return Err(self.error_at(
                 open.offset,
-                format!("expected `(` after matcher `{name}`, found {}", open.kind.describe()),
+                format!(
+                    "expected `(` after matcher `{name}`, found {}",
+                    open.kind.describe()
+                ),
             ));
         }
         let mut args = Vec::new();
         loop {
             let token = self.advance();
             match token.kind {
-                TokenKind::Str(value) => args.push(Arg { value, offset: token.offset }),
+                TokenKind::Str(value) => args.push(Arg {
+                    value,
+                    offset: token.offset,
+                }),
                 TokenKind::RParen if args.is_empty() => {
-                    return Err(self.error_at(name_offset, format!("matcher `{name}` needs at least one argument")))
+                    return Err(self.error_at(
+                        name_offset,
+                        format!("matcher `{name}` needs at least one argument"),
+                    ))
                 }
                 other => {
                     return Err(self.error_at(
                         token.offset,
-                        format!("expected a string in backticks or double quotes, found {}", other.describe()),
+                        format!(
+                            "expected a string in backticks or double quotes, found {}",
+                            other.describe()
+                        ),
                     ))
                 }
             }
@@ -626,33 +688,60 @@ impl<'a> Parser<'a> {
         let canonical = MATCHERS
             .iter()
             .chain(["Headers", "HeadersRegexp"].iter())
-            .find(|m| **m == written || m.to_ascii_lowercase() == written || m.to_ascii_uppercase() == written)
+            .find(|m| {
+                **m == written
+                    || m.to_ascii_lowercase() == written
+                    || m.to_ascii_uppercase() == written
+            })
             .copied();
         let Some(name) = canonical else {
-            let hint = suggest(written).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+            let hint = suggest(written)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
             return Err(self.error_at(
                 offset,
-                format!("unknown matcher `{written}`{hint}; known matchers: {}", MATCHERS.join(", ")),
+                format!(
+                    "unknown matcher `{written}`{hint}; known matchers: {}",
+                    MATCHERS.join(", ")
+                ),
             ));
         };
         let args = self.parse_args(name, offset)?;
         let count = |min: usize, max: usize| -> Result<(), RuleError> {
             if args.len() < min || args.len() > max {
-                let wanted = if min == max { format!("{min}") } else { format!("{min} or {max}") };
+                let wanted = if min == max {
+                    format!("{min}")
+                } else {
+                    format!("{min} or {max}")
+                };
                 return Err(self.error_at(
                     offset,
-                    format!("matcher `{name}` takes {wanted} argument(s), got {}", args.len()),
+                    format!(
+                        "matcher `{name}` takes {wanted} argument(s), got {}",
+                        args.len()
+                    ),
                 ));
             }
             Ok(())
         };
         Ok(match name {
-            "Host" => Matcher::Host(args.iter().map(|a| self.host_pattern(a)).collect::<Result<_, _>>()?),
-            "HostRegexp" => Matcher::HostRegexp(args.iter().map(|a| self.regex(a, true)).collect::<Result<_, _>>()?),
+            "Host" => Matcher::Host(
+                args.iter()
+                    .map(|a| self.host_pattern(a))
+                    .collect::<Result<_, _>>()?,
+            ),
+            "HostRegexp" => Matcher::HostRegexp(
+                args.iter()
+                    .map(|a| self.regex(a, true))
+                    .collect::<Result<_, _>>()?,
+            ),
             "Path" | "PathPrefix" => {
                 for a in &args {
                     if !a.value.starts_with('/') {
-                        return Err(self.error_at(a.offset, format!("path `{}` must start with `/`", a.value)));
+                        return Err(self.error_at(
+                            a.offset,
+                            format!("path `{}` must start with `/`", a.value),
+                        ));
                     }
                 }
                 let paths = args.into_iter().map(|a| a.value).collect();
@@ -662,25 +751,44 @@ impl<'a> Parser<'a> {
                     Matcher::PathPrefix(paths)
                 }
             }
-            "PathRegexp" => Matcher::PathRegexp(args.iter().map(|a| self.regex(a, false)).collect::<Result<_, _>>()?),
+            "PathRegexp" => Matcher::PathRegexp(
+                args.iter()
+                    .map(|a| self.regex(a, false))
+                    .collect::<Result<_, _>>()?,
+            ),
             "Method" => Matcher::Method(
                 args.iter()
                     .map(|a| {
                         Method::from_bytes(a.value.to_ascii_uppercase().as_bytes())
                             .ok()
                             .filter(|_| !a.value.is_empty())
-                            .ok_or_else(|| self.error_at(a.offset, format!("invalid HTTP method `{}`", a.value)))
+                            .ok_or_else(|| {
+                                self.error_at(
+                                    a.offset,
+                                    format!("invalid HTTP method `{}`", a.value),
+                                )
+                            })
                     })
                     .collect::<Result<_, _>>()?,
             ),
             "Header" | "Headers" | "HeaderRegexp" | "HeadersRegexp" => {
                 count(2, 2)?;
-                let header = HeaderName::from_bytes(args[0].value.as_bytes())
-                    .map_err(|_| self.error_at(args[0].offset, format!("invalid header name `{}`", args[0].value)))?;
+                let header = HeaderName::from_bytes(args[0].value.as_bytes()).map_err(|_| {
+                    self.error_at(
+                        args[0].offset,
+                        format!("invalid header name `{}`", args[0].value),
+                    )
+                })?;
                 if name.ends_with("Regexp") {
-                    Matcher::HeaderRegexp { name: header, regex: self.regex(&args[1], false)? }
+                    Matcher::HeaderRegexp {
+                        name: header,
+                        regex: self.regex(&args[1], false)?,
+                    }
                 } else {
-                    Matcher::Header { name: header, value: args[1].value.clone() }
+                    Matcher::Header {
+                        name: header,
+                        value: args[1].value.clone(),
+                    }
                 }
             }
             "Query" => {
@@ -688,17 +796,29 @@ impl<'a> Parser<'a> {
                 let mut args = args.into_iter();
                 let first = args.next().map(|a| a.value).unwrap_or_default();
                 match args.next() {
-                    Some(value) => Matcher::Query { key: first, value: Some(value.value) },
+                    Some(value) => Matcher::Query {
+                        key: first,
+                        value: Some(value.value),
+                    },
                     // Traefik v2 form `Query(`k=v`)`.
                     None => match first.split_once('=') {
-                        Some((k, v)) => Matcher::Query { key: k.to_owned(), value: Some(v.to_owned()) },
-                        None => Matcher::Query { key: first, value: None },
+                        Some((k, v)) => Matcher::Query {
+                            key: k.to_owned(),
+                            value: Some(v.to_owned()),
+                        },
+                        None => Matcher::Query {
+                            key: first,
+                            value: None,
+                        },
                     },
                 }
             }
             "QueryRegexp" => {
                 count(2, 2)?;
-                Matcher::QueryRegexp { key: args[0].value.clone(), regex: self.regex(&args[1], false)? }
+                Matcher::QueryRegexp {
+                    key: args[0].value.clone(),
+                    regex: self.regex(&args[1], false)?,
+                }
             }
             "ClientIP" => Matcher::ClientIp(
                 args.iter()
@@ -711,14 +831,18 @@ impl<'a> Parser<'a> {
                                 // Compare IPv4-mapped networks as IPv4, like client addresses.
                                 IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
                                     Some(v4) if v6.prefix_len() >= 96 => IpNet::from(
-                                        ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("prefix <= 32"),
+                                        ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                                            .expect("prefix <= 32"),
                                     ),
                                     _ => IpNet::V6(v6),
                                 },
                                 v4 => v4,
                             })
                             .map_err(|_| {
-                                self.error_at(a.offset, format!("invalid IP address or CIDR `{}`", a.value))
+                                self.error_at(
+                                    a.offset,
+                                    format!("invalid IP address or CIDR `{}`", a.value),
+                                )
                             })
                     })
                     .collect::<Result<_, _>>()?,
@@ -730,7 +854,11 @@ impl<'a> Parser<'a> {
     fn host_pattern(&self, arg: &Arg) -> Result<HostPattern, RuleError> {
         let host = arg.value.trim().to_ascii_lowercase();
         let host = host.strip_suffix('.').unwrap_or(&host);
-        let valid_label = |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let valid_label = |l: &str| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
         let (pattern, rest) = if let Some(rest) = host.strip_prefix("**.") {
             (HostPattern::AnyLabels(format!(".{rest}")), rest)
         } else if let Some(rest) = host.strip_prefix("*.") {
@@ -758,6 +886,13 @@ impl<'a> Parser<'a> {
     }
 
     fn regex(&self, arg: &Arg, case_insensitive: bool) -> Result<Regex, RuleError> {
+        self.regexes.set(self.regexes.get() + 1);
+        if self.regexes.get() > MAX_REGEXES {
+            return Err(self.error_at(
+                arg.offset,
+                format!("more than {MAX_REGEXES} regular expressions in one rule"),
+            ));
+        }
         RegexBuilder::new(&arg.value)
             .case_insensitive(case_insensitive)
             .size_limit(REGEX_SIZE_LIMIT)
@@ -765,8 +900,17 @@ impl<'a> Parser<'a> {
             .map_err(|e| {
                 // The regex error is multi-line with its own caret; keep its last line, the reason.
                 let reason = e.to_string();
-                let reason = reason.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("invalid").trim().to_owned();
-                self.error_at(arg.offset, format!("invalid regular expression `{}`: {reason}", arg.value))
+                let reason = reason
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("invalid")
+                    .trim()
+                    .to_owned();
+                self.error_at(
+                    arg.offset,
+                    format!("invalid regular expression `{}`: {reason}", arg.value),
+                )
             })
     }
 }
@@ -788,7 +932,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -853,7 +999,12 @@ mod tests {
     fn check(rule: &str, cases: &[(Req, bool)]) {
         let parsed = Rule::parse(rule).unwrap_or_else(|e| panic!("{rule}: {e}"));
         for (i, (req, want)) in cases.iter().enumerate() {
-            assert_eq!(parsed.matches(&req.view()), *want, "rule {rule}, case {i}: {:?}", req.view());
+            assert_eq!(
+                parsed.matches(&req.view()),
+                *want,
+                "rule {rule}, case {i}: {:?}",
+                req.view()
+            );
         }
     }
 
@@ -871,13 +1022,26 @@ mod tests {
             ],
         );
         // Written in upper case and with a trailing dot: normalised at parse time.
-        check("Host(`API.Phoenix.Test.`)", &[(Req::new("api.phoenix.test", "/"), true)]);
+        check(
+            "Host(`API.Phoenix.Test.`)",
+            &[(Req::new("api.phoenix.test", "/"), true)],
+        );
         // v2 form: several hosts mean any of them.
         check(
             "Host(`a.test`, `b.test`)",
-            &[(Req::new("a.test", "/"), true), (Req::new("b.test", "/"), true), (Req::new("c.test", "/"), false)],
+            &[
+                (Req::new("a.test", "/"), true),
+                (Req::new("b.test", "/"), true),
+                (Req::new("c.test", "/"), false),
+            ],
         );
-        check("Host(`[::1]`)", &[(Req::new("[::1]", "/"), true), (Req::new("::1", "/"), false)]);
+        check(
+            "Host(`[::1]`)",
+            &[
+                (Req::new("[::1]", "/"), true),
+                (Req::new("::1", "/"), false),
+            ],
+        );
     }
 
     #[test]
@@ -915,7 +1079,13 @@ mod tests {
             ],
         );
         // Unanchored like Go's MatchString.
-        check(r"HostRegexp(`phoenix`)", &[(Req::new("a.phoenix.test", "/"), true), (Req::new("b.test", "/"), false)]);
+        check(
+            r"HostRegexp(`phoenix`)",
+            &[
+                (Req::new("a.phoenix.test", "/"), true),
+                (Req::new("b.test", "/"), false),
+            ],
+        );
     }
 
     #[test]
@@ -942,16 +1112,29 @@ mod tests {
         );
         check(
             r"PathRegexp(`\.(jpe?g|png)$`)",
-            &[(Req::new("h", "/a/b.png"), true), (Req::new("h", "/a.jpeg"), true), (Req::new("h", "/a.png/x"), false)],
+            &[
+                (Req::new("h", "/a/b.png"), true),
+                (Req::new("h", "/a.jpeg"), true),
+                (Req::new("h", "/a.png/x"), false),
+            ],
         );
-        check("PathRegexp(`^/users/[0-9]+$`)", &[(Req::new("h", "/users/42"), true), (Req::new("h", "/users/x"), false)]);
+        check(
+            "PathRegexp(`^/users/[0-9]+$`)",
+            &[
+                (Req::new("h", "/users/42"), true),
+                (Req::new("h", "/users/x"), false),
+            ],
+        );
     }
 
     #[test]
     fn method_matcher() {
         check(
             "Method(`POST`)",
-            &[(Req::new("h", "/").method(Method::POST), true), (Req::new("h", "/"), false)],
+            &[
+                (Req::new("h", "/").method(Method::POST), true),
+                (Req::new("h", "/"), false),
+            ],
         );
         // Lowercase in the rule is accepted; several methods mean any of them.
         check(
@@ -970,7 +1153,12 @@ mod tests {
             "Header(`X-Env`, `prod`)",
             &[
                 (Req::new("h", "/").header("x-env", "prod"), true),
-                (Req::new("h", "/").header("x-env", "dev").header("x-env", "prod"), true),
+                (
+                    Req::new("h", "/")
+                        .header("x-env", "dev")
+                        .header("x-env", "prod"),
+                    true,
+                ),
                 (Req::new("h", "/").header("x-env", "production"), false),
                 (Req::new("h", "/").header("x-other", "prod"), false),
                 (Req::new("h", "/"), false),
@@ -979,11 +1167,20 @@ mod tests {
         check(
             "HeaderRegexp(`Content-Type`, `^application/(json|grpc)`)",
             &[
-                (Req::new("h", "/").header("content-type", "application/grpc+proto"), true),
-                (Req::new("h", "/").header("content-type", "text/plain"), false),
+                (
+                    Req::new("h", "/").header("content-type", "application/grpc+proto"),
+                    true,
+                ),
+                (
+                    Req::new("h", "/").header("content-type", "text/plain"),
+                    false,
+                ),
             ],
         );
-        check("Headers(`X-A`, `1`)", &[(Req::new("h", "/").header("x-a", "1"), true)]);
+        check(
+            "Headers(`X-A`, `1`)",
+            &[(Req::new("h", "/").header("x-a", "1"), true)],
+        );
     }
 
     #[test]
@@ -1016,7 +1213,13 @@ mod tests {
                 (Req::new("h", "/").query("q=a+b"), false),
             ],
         );
-        check("Query(`k=v`)", &[(Req::new("h", "/").query("k=v"), true), (Req::new("h", "/").query("k=w"), false)]);
+        check(
+            "Query(`k=v`)",
+            &[
+                (Req::new("h", "/").query("k=v"), true),
+                (Req::new("h", "/").query("k=w"), false),
+            ],
+        );
         check(
             "QueryRegexp(`id`, `^[0-9]+$`)",
             &[
@@ -1027,7 +1230,10 @@ mod tests {
         );
         // A long percent-encoded value takes the allocating path; it must still match.
         let long: &'static str = Box::leak(format!("v={}", "%41".repeat(200)).into_boxed_str());
-        check("QueryRegexp(`v`, `^A{200}$`)", &[(Req::new("h", "/").query(long), true)]);
+        check(
+            "QueryRegexp(`v`, `^A{200}$`)",
+            &[(Req::new("h", "/").query(long), true)],
+        );
     }
 
     #[test]
@@ -1038,13 +1244,22 @@ mod tests {
                 (Req::new("h", "/").ip([10, 20, 30, 40]), true),
                 (Req::new("h", "/").ip([192, 168, 1, 7]), true),
                 (Req::new("h", "/").ip([192, 168, 1, 8]), false),
-                (Req::new("h", "/").ip("fd12::1".parse::<Ipv6Addr>().unwrap()), true),
+                (
+                    Req::new("h", "/").ip("fd12::1".parse::<Ipv6Addr>().unwrap()),
+                    true,
+                ),
                 (Req::new("h", "/").ip(Ipv6Addr::LOCALHOST), false),
                 // IPv4-mapped IPv6 (a dual-stack listener) compares as IPv4.
-                (Req::new("h", "/").ip("::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap()), true),
+                (
+                    Req::new("h", "/").ip("::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap()),
+                    true,
+                ),
             ],
         );
-        check("ClientIP(`::1`)", &[(Req::new("h", "/").ip(Ipv6Addr::LOCALHOST), true)]);
+        check(
+            "ClientIP(`::1`)",
+            &[(Req::new("h", "/").ip(Ipv6Addr::LOCALHOST), true)],
+        );
     }
 
     #[test]
@@ -1087,29 +1302,53 @@ mod tests {
         );
         check(
             "!(Path(`/a`) || Path(`/b`))",
-            &[(Req::new("h", "/a"), false), (Req::new("h", "/b"), false), (Req::new("h", "/c"), true)],
+            &[
+                (Req::new("h", "/a"), false),
+                (Req::new("h", "/b"), false),
+                (Req::new("h", "/c"), true),
+            ],
         );
-        check("!!Path(`/a`)", &[(Req::new("h", "/a"), true), (Req::new("h", "/b"), false)]);
+        check(
+            "!!Path(`/a`)",
+            &[(Req::new("h", "/a"), true), (Req::new("h", "/b"), false)],
+        );
     }
 
     #[test]
     fn double_quoted_strings_and_whitespace() {
         check(
             "  Host(\"a.test\")\n&&\tPath( \"/x\\\"y\" )  ",
-            &[(Req::new("a.test", "/x\"y"), true), (Req::new("a.test", "/x"), false)],
+            &[
+                (Req::new("a.test", "/x\"y"), true),
+                (Req::new("a.test", "/x"), false),
+            ],
         );
     }
 
     #[test]
     fn lowercase_and_uppercase_matcher_names() {
-        check("host(`a.test`) && PATHPREFIX(`/`)", &[(Req::new("a.test", "/"), true)]);
+        check(
+            "host(`a.test`) && PATHPREFIX(`/`)",
+            &[(Req::new("a.test", "/"), true)],
+        );
     }
 
     #[test]
     fn required_hosts_are_derived_for_the_index() {
-        let hosts = |rule: &str| Rule::parse(rule).unwrap().required_hosts().map(<[String]>::to_vec);
-        assert_eq!(hosts("Host(`A.test`) && Path(`/`)"), Some(vec!["a.test".to_owned()]));
-        assert_eq!(hosts("Host(`a`) || Host(`b`)"), Some(vec!["a".to_owned(), "b".to_owned()]));
+        let hosts = |rule: &str| {
+            Rule::parse(rule)
+                .unwrap()
+                .required_hosts()
+                .map(<[String]>::to_vec)
+        };
+        assert_eq!(
+            hosts("Host(`A.test`) && Path(`/`)"),
+            Some(vec!["a.test".to_owned()])
+        );
+        assert_eq!(
+            hosts("Host(`a`) || Host(`b`)"),
+            Some(vec!["a".to_owned(), "b".to_owned()])
+        );
         assert_eq!(hosts("Host(`a`) || Path(`/`)"), None);
         assert_eq!(hosts("!Host(`a`)"), None);
         assert_eq!(hosts("Host(`*.a`)"), None);
@@ -1136,14 +1375,30 @@ mod tests {
             ("Host(`a`) && Hots(`b`)", 14, "unknown matcher `Hots`"),
             ("Host(`a`) && Hots(`b`)", 14, "did you mean `Host`"),
             ("Host(`a`", 9, "expected `,` or `)`"),
-            ("(Host(`a`) || Path(`/`)", 24, "to close the `(` at column 1"),
-            ("Path(`/a`) && (Host(`x`)", 25, "to close the `(` at column 15"),
+            (
+                "(Host(`a`) || Path(`/`)",
+                24,
+                "to close the `(` at column 1",
+            ),
+            (
+                "Path(`/a`) && (Host(`x`)",
+                25,
+                "to close the `(` at column 15",
+            ),
             ("Host(`a.test)", 6, "unterminated string"),
             ("Host(\"a.test)", 6, "unterminated string"),
             ("PathRegexp(`/a(`)", 12, "invalid regular expression"),
             ("HostRegexp(`[z-a]`)", 12, "invalid regular expression"),
-            ("Path(`/`) && ClientIP(`10.0.0.0/33`)", 23, "invalid IP address or CIDR"),
-            ("ClientIP(`10.0.0.1`, `nope`)", 22, "invalid IP address or CIDR"),
+            (
+                "Path(`/`) && ClientIP(`10.0.0.0/33`)",
+                23,
+                "invalid IP address or CIDR",
+            ),
+            (
+                "ClientIP(`10.0.0.1`, `nope`)",
+                22,
+                "invalid IP address or CIDR",
+            ),
             ("Path(`x`)", 6, "must start with `/`"),
             ("Header(`X-A`)", 1, "takes 2 argument"),
             ("Header(`bad header`, `x`)", 8, "invalid header name"),
@@ -1167,7 +1422,10 @@ mod tests {
         for (rule, column, needle) in cases {
             let e = error(rule);
             assert_eq!(e.column, *column, "rule {rule:?}: {e}");
-            assert!(e.message.contains(needle), "rule {rule:?}: {e} (wanted {needle:?})");
+            assert!(
+                e.message.contains(needle),
+                "rule {rule:?}: {e} (wanted {needle:?})"
+            );
             assert!(e.to_string().starts_with(&format!("column {column}: ")));
         }
     }
@@ -1181,6 +1439,18 @@ mod tests {
         // 64 levels are fine.
         let ok = format!("{}Path(`/`){}", "(".repeat(64), ")".repeat(64));
         assert!(Rule::parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn regex_count_and_size_are_bounded() {
+        let many = vec!["PathRegexp(`a`)"; MAX_REGEXES + 1].join(" || ");
+        let e = error(&many);
+        assert!(e.message.contains("regular expressions in one rule"), "{e}");
+        let ok = vec!["PathRegexp(`a`)"; MAX_REGEXES].join(" || ");
+        assert!(Rule::parse(&ok).is_ok());
+        assert!(error(r"PathRegexp(`\w{1000}`)")
+            .message
+            .contains("invalid regular expression"));
     }
 
     #[test]

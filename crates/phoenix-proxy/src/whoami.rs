@@ -68,7 +68,11 @@ struct State {
 
 /// Serves until `shutdown` is cancelled, then stops accepting, lets running requests finish (at most
 /// five seconds; HTTP/2 connections get a GOAWAY) and returns.
-pub async fn serve(listener: TcpListener, name: String, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    name: String,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let state = Arc::new(State {
         name_header: HeaderValue::from_str(&name).ok(),
         name,
@@ -97,7 +101,9 @@ pub async fn serve(listener: TcpListener, name: String, shutdown: CancellationTo
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let service = service_fn(move |req| handle(req, peer, state.clone()));
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -106,16 +112,25 @@ pub async fn serve(listener: TcpListener, name: String, shutdown: CancellationTo
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::debug!("whoami drain timed out; remaining connections are dropped");
     }
     Ok(())
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, state: Arc<State>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: Arc<State>,
+) -> Result<Response<Body>, Infallible> {
     let mut response = route(req, peer, &state).await;
     if let Some(name) = &state.name_header {
-        response.headers_mut().insert(HeaderName::from_static(NAME_HEADER), name.clone());
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(NAME_HEADER), name.clone());
     }
     Ok(response)
 }
@@ -153,7 +168,9 @@ async fn route(req: Request<Incoming>, peer: SocketAddr, state: &State) -> Respo
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn empty() -> Body {
@@ -163,7 +180,10 @@ fn empty() -> Body {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -171,7 +191,10 @@ fn json_response(value: &serde_json::Value) -> Response<Body> {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
     let mut response = Response::new(full(body));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -189,7 +212,9 @@ fn version_name(version: Version) -> &'static str {
 fn headers_json(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in headers {
-        map.entry(name.as_str().to_owned()).or_default().push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        map.entry(name.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     map
 }
@@ -202,7 +227,12 @@ async fn describe(req: Request<Incoming>, peer: SocketAddr, state: &State) -> Re
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => body_bytes += frame.data_ref().map_or(0, |d| d.len() as u64),
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("reading the request body failed: {e}\n")),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body failed: {e}\n"),
+                )
+            }
         }
     }
     let host = parts
@@ -224,11 +254,17 @@ async fn describe(req: Request<Incoming>, peer: SocketAddr, state: &State) -> Re
 }
 
 fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
-    query?.split('&').filter_map(|p| p.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+    query?
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 fn unix_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Clone, Copy)]
@@ -240,18 +276,21 @@ enum Format {
 /// `/sse` and `/ndjson`: `count` events, the first at once, then one every `interval` ms. Each event
 /// is its own body frame, so hyper writes it to the socket as soon as it is produced.
 fn ticker(query: Option<&str>, state: &State, format: Format) -> Response<Body> {
-    let parse = |key: &str, default: u64, max: u64| -> Result<u64, Response<Body>> {
+    let parse = |key: &str, default: u64, max: u64| -> Result<u64, String> {
         match query_param(query, key) {
             None => Ok(default),
             Some(v) => match v.parse::<u64>() {
                 Ok(n) if n <= max => Ok(n),
-                _ => Err(text(StatusCode::BAD_REQUEST, format!("{key} must be an integer from 0 to {max}\n"))),
+                _ => Err(format!("{key} must be an integer from 0 to {max}\n")),
             },
         }
     };
-    let (count, interval) = match (parse("count", 5, MAX_EVENTS), parse("interval", 200, MAX_INTERVAL_MS)) {
+    let (count, interval) = match (
+        parse("count", 5, MAX_EVENTS),
+        parse("interval", 200, MAX_INTERVAL_MS),
+    ) {
         (Ok(c), Ok(i)) => (c, Duration::from_millis(i)),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(message), _) | (_, Err(message)) => return text(StatusCode::BAD_REQUEST, message),
     };
     let name = state.name.clone();
     let shutdown = state.shutdown.clone();
@@ -281,8 +320,12 @@ fn ticker(query: Option<&str>, state: &State, format: Format) -> Response<Body> 
         Format::Sse => "text/event-stream",
         Format::NdJson => "application/x-ndjson",
     };
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
@@ -294,14 +337,26 @@ fn echo(req: Request<Incoming>) -> Response<Body> {
         .cloned()
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
     let mut response = Response::new(req.into_body().map_err(BoxError::from).boxed_unsync());
-    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, content_type);
     response
 }
 
-async fn delay(arg: &str, req: Request<Incoming>, peer: SocketAddr, state: &State) -> Response<Body> {
+async fn delay(
+    arg: &str,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: &State,
+) -> Response<Body> {
     let seconds = match arg.parse::<f64>() {
         Ok(s) if s.is_finite() && (0.0..=MAX_DELAY_SECS).contains(&s) => s,
-        _ => return text(StatusCode::BAD_REQUEST, format!("delay must be seconds from 0 to {MAX_DELAY_SECS}\n")),
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("delay must be seconds from 0 to {MAX_DELAY_SECS}\n"),
+            )
+        }
     };
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => describe(req, peer, state).await,
@@ -310,34 +365,62 @@ async fn delay(arg: &str, req: Request<Incoming>, peer: SocketAddr, state: &Stat
 }
 
 fn status(arg: &str, method: &Method) -> Response<Body> {
-    let code = match arg.parse::<u16>().ok().and_then(|n| StatusCode::from_u16(n).ok()) {
+    let code = match arg
+        .parse::<u16>()
+        .ok()
+        .and_then(|n| StatusCode::from_u16(n).ok())
+    {
         // 1xx are not final answers; hyper could not send them as one.
-        Some(code) if code.as_u16() >= 200 => code,
-        _ => return text(StatusCode::BAD_REQUEST, "status must be a number from 200 to 599\n"),
+        Some(code) if (200..=599).contains(&code.as_u16()) => code,
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "status must be a number from 200 to 599\n",
+            )
+        }
     };
-    if code == StatusCode::NO_CONTENT || code == StatusCode::NOT_MODIFIED || method == Method::HEAD {
+    if code == StatusCode::NO_CONTENT || code == StatusCode::NOT_MODIFIED || method == Method::HEAD
+    {
         let mut response = Response::new(empty());
         *response.status_mut() = code;
         return response;
     }
-    text(code, format!("{} {}\n", code.as_u16(), code.canonical_reason().unwrap_or("")))
+    text(
+        code,
+        format!(
+            "{} {}\n",
+            code.as_u16(),
+            code.canonical_reason().unwrap_or("")
+        ),
+    )
 }
 
 /// `/bytes/N`: `N` bytes of `x` in 16 KiB frames, with a Content-Length.
 fn bytes(arg: &str) -> Response<Body> {
     let Ok(total) = arg.parse::<u64>() else {
-        return text(StatusCode::BAD_REQUEST, "bytes must be a non-negative integer\n");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "bytes must be a non-negative integer\n",
+        );
     };
     let chunks = futures_util::stream::unfold(total, |left| async move {
         if left == 0 {
             return None;
         }
         let n = left.min(CHUNK as u64) as usize;
-        Some((Ok::<_, BoxError>(Frame::data(Bytes::from_static(&FILL[..n]))), left - n as u64))
+        Some((
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(&FILL[..n]))),
+            left - n as u64,
+        ))
     });
     let mut response = Response::new(StreamBody::new(chunks).boxed_unsync());
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(total));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     response
 }
 
@@ -346,14 +429,21 @@ fn bytes(arg: &str) -> Response<Body> {
 fn websocket(req: Request<Incoming>, state: &State) -> Response<Body> {
     let has_token = |name: HeaderName, token: &str| {
         req.headers().get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
-    let version_ok = req.headers().get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
-    let (Some(key), true, true, true) =
-        (key, has_token(header::UPGRADE, "websocket"), has_token(header::CONNECTION, "upgrade"), version_ok)
-    else {
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let (Some(key), true, true, true) = (
+        key,
+        has_token(header::UPGRADE, "websocket"),
+        has_token(header::CONNECTION, "upgrade"),
+        version_ok,
+    ) else {
         return text(
             StatusCode::BAD_REQUEST,
             "expected a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key, \
@@ -370,7 +460,8 @@ fn websocket(req: Request<Incoming>, state: &State) -> Response<Body> {
                 return;
             }
         };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         loop {
             let message = tokio::select! {
                 m = ws.next() => m,
@@ -400,7 +491,10 @@ fn websocket(req: Request<Incoming>, state: &State) -> Response<Body> {
     let headers = response.headers_mut();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header value"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
     response
 }
 
@@ -432,7 +526,12 @@ impl GrpcFraming {
             data = &data[n..];
             if self.prefix_len == 5 {
                 self.prefix_len = 0;
-                let len = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
+                let len = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
                 if len == 0 {
                     self.messages += 1;
                 } else {
@@ -454,36 +553,43 @@ fn grpc_echo(req: Request<Incoming>) -> Response<Body> {
     let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
     let encoding = req.headers().get("grpc-encoding").cloned();
     let body = req.into_body();
-    let frames = futures_util::stream::unfold(Some((body, GrpcFraming::default())), |state| async move {
-        let (mut body, mut framing) = state?;
-        loop {
-            match body.frame().await {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        framing.feed(&data);
-                        return Some((Ok(Frame::data(data)), Some((body, framing))));
+    let frames =
+        futures_util::stream::unfold(Some((body, GrpcFraming::default())), |state| async move {
+            let (mut body, mut framing) = state?;
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            framing.feed(&data);
+                            return Some((Ok(Frame::data(data)), Some((body, framing))));
+                        }
+                        // Request trailers carry nothing the echo needs.
+                        Err(_trailers) => continue,
+                    },
+                    Some(Err(e)) => return Some((Err(BoxError::from(e)), None)),
+                    None => {
+                        let mut trailers = HeaderMap::new();
+                        if framing.between_messages() {
+                            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        } else {
+                            trailers.insert("grpc-status", HeaderValue::from_static("13"));
+                            trailers.insert(
+                                "grpc-message",
+                                HeaderValue::from_static("request ended inside a message"),
+                            );
+                        }
+                        tracing::debug!(messages = framing.messages, "whoami grpc echo finished");
+                        return Some((Ok(Frame::trailers(trailers)), None));
                     }
-                    // Request trailers carry nothing the echo needs.
-                    Err(_trailers) => continue,
-                },
-                Some(Err(e)) => return Some((Err(BoxError::from(e)), None)),
-                None => {
-                    let mut trailers = HeaderMap::new();
-                    if framing.between_messages() {
-                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-                    } else {
-                        trailers.insert("grpc-status", HeaderValue::from_static("13"));
-                        trailers.insert("grpc-message", HeaderValue::from_static("request ended inside a message"));
-                    }
-                    tracing::debug!(messages = framing.messages, "whoami grpc echo finished");
-                    return Some((Ok(Frame::trailers(trailers)), None));
                 }
             }
-        }
-    });
+        });
     let mut response = Response::new(StreamBody::new(frames).boxed_unsync());
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, content_type.unwrap_or(HeaderValue::from_static("application/grpc")));
+    headers.insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or(HeaderValue::from_static("application/grpc")),
+    );
     if let Some(encoding) = encoding {
         headers.insert("grpc-encoding", encoding);
     }
@@ -515,7 +621,10 @@ mod tests {
 
     #[test]
     fn query_params_are_found_by_key() {
-        assert_eq!(query_param(Some("count=3&interval=10"), "interval"), Some("10"));
+        assert_eq!(
+            query_param(Some("count=3&interval=10"), "interval"),
+            Some("10")
+        );
         assert_eq!(query_param(Some("xcount=3"), "count"), None);
         assert_eq!(query_param(None, "count"), None);
     }

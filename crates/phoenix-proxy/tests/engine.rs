@@ -160,22 +160,12 @@ fn build_ctx<'a>(nets: &'a [ipnet::IpNet], previous: Option<&'a RouteTable>) -> 
     }
 }
 
+#[derive(Default)]
 struct MeshOptions {
     limits: ListenerLimits,
     trusted_proxies: Vec<ipnet::IpNet>,
     client_auth: Option<Arc<rustls::RootCertStore>>,
     allowed_client_names: Vec<String>,
-}
-
-impl Default for MeshOptions {
-    fn default() -> Self {
-        MeshOptions {
-            limits: ListenerLimits::default(),
-            trusted_proxies: Vec::new(),
-            client_auth: None,
-            allowed_client_names: Vec::new(),
-        }
-    }
 }
 
 struct Mesh {
@@ -347,6 +337,11 @@ async fn routes_by_host_path_and_combined_rules_over_tls() {
     let json: Value = resp.json().await.unwrap();
     assert_eq!(json["name"], "app");
     assert_eq!(json["path"], "/hello");
+    // HTTP/2 carries the host in :authority; the HTTP/1.1 backend still gets it as Host.
+    assert_eq!(
+        json["host"],
+        format!("app.phoenix.test:{}", mesh.addr.port())
+    );
 
     // Host && PathPrefix with strip-prefix middleware.
     let json: Value = c
@@ -372,9 +367,22 @@ async fn routes_by_host_path_and_combined_rules_over_tls() {
         .unwrap();
     assert_eq!(json["name"], "docs");
 
-    // api host outside /v1: the combined rule does not match and nothing else does.
+    // api host outside /v1: the combined rule does not match, the automatic Host(api...) route of
+    // service "api" does, without the strip-prefix middleware.
+    let json: Value = c
+        .get(url("api.phoenix.test", mesh.addr, "/v2/items"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json["name"], "api");
+    assert_eq!(json["path"], "/v2/items");
+
+    // A host with no route of its own and a path no rule matches.
     let resp = c
-        .get(url("api.phoenix.test", mesh.addr, "/other"))
+        .get(url("mesh.phoenix.test", mesh.addr, "/other"))
         .send()
         .await
         .unwrap();
@@ -382,7 +390,7 @@ async fn routes_by_host_path_and_combined_rules_over_tls() {
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     let body = resp.text().await.unwrap();
     assert!(
-        body.starts_with("no route for api.phoenix.test/other"),
+        body.starts_with("no route for mesh.phoenix.test/other"),
         "{body}"
     );
     assert!(body.contains(&id), "request id {id} missing from {body}");
@@ -394,6 +402,7 @@ async fn routes_by_host_path_and_combined_rules_over_tls() {
     let out = tokio::process::Command::new("curl")
         .arg("-sS")
         .arg("--http1.1")
+        .args(["--tlsv1.2", "--tls-max", "1.2"])
         .arg("--cacert")
         .arg(&root)
         .arg("--resolve")
@@ -748,7 +757,7 @@ async fn grpc_over_h2_tls_to_h2c_backend_keeps_trailers_and_streams() {
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
     >(4);
-    let body = StreamBody::new(tokio_stream_from(rx));
+    let body = phoenix_proxy::body::boxed(StreamBody::new(Box::pin(tokio_stream_from(rx))));
     let req = http::Request::builder()
         .method("POST")
         .uri(format!(
@@ -811,7 +820,7 @@ async fn grpc_over_h2_tls_to_h2c_backend_keeps_trailers_and_streams() {
         ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(http_body_util::Full::new(grpc_frame(b"unary")))
+        .body(phoenix_proxy::body::full(grpc_frame(b"unary")))
         .unwrap();
     sender.ready().await.unwrap();
     let resp = sender.send_request(req).await.unwrap();
@@ -1259,24 +1268,37 @@ async fn request_bodies_over_the_limit_get_413() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 
-    // Without Content-Length (a stream), the body is cut at the limit: the echo never returns more.
+    // Without Content-Length (a stream): the backend reads the whole body before answering, so the
+    // proxy cuts the stream at the limit before any response and answers 413 itself.
     let chunks = futures_util::stream::iter(
         (0..8).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 500]))),
     );
-    let result = c
-        .post(url("app.phoenix.test", mesh.addr, "/echo"))
+    let resp = c
+        .post(url("app.phoenix.test", mesh.addr, "/upload"))
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
-        .await;
-    match result {
-        Ok(resp) if resp.status() == 413 => {}
-        Ok(resp) => {
-            assert_eq!(resp.status(), 200);
-            let echoed = resp.bytes().await.map(|b| b.len()).unwrap_or(0);
-            assert!(echoed <= 1000, "{echoed} bytes passed a 1000-byte limit");
-        }
-        Err(_) => {} // stream cut before response headers
-    }
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .starts_with("request body too large"));
+
+    // A streamed body within the limit passes whole.
+    let chunks = futures_util::stream::iter(
+        (0..3).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 300]))),
+    );
+    let resp = c
+        .post(url("app.phoenix.test", mesh.addr, "/upload"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let json: Value = resp.json().await.unwrap();
+    assert_eq!(json["body_bytes"], 900);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1305,7 +1327,7 @@ async fn admin_serves_metrics_after_traffic_and_health_json() {
         );
     }
     assert_eq!(
-        c.get(url("api.phoenix.test", mesh.addr, "/nothing"))
+        c.get(url("mesh.phoenix.test", mesh.addr, "/nothing"))
             .send()
             .await
             .unwrap()
@@ -1325,7 +1347,10 @@ async fn admin_serves_metrics_after_traffic_and_health_json() {
         text.contains(r#"requests_total{role="mesh",route="app@auto",service="app",code="200"} 3"#),
         "{text}"
     );
-    assert!(text.contains(r#"code="404"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"requests_total{role="mesh",route="",service="",code="404"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("request_duration_seconds_bucket"), "{text}");
     assert!(
         text.contains(&format!(
@@ -1405,5 +1430,126 @@ async fn shutdown_drains_and_stops_the_listener() {
     assert!(
         TcpStream::connect(mesh.addr).await.is_err(),
         "listener still open after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_tls_alpn_challenge_certificate_is_served_only_for_acme_tls_1() {
+    let pki = Pki::new("ACME Root");
+    let (app, api, docs) = (
+        backend("app").await,
+        backend("api").await,
+        backend("docs").await,
+    );
+    let mesh = start_mesh(
+        &pki,
+        &basic_routing(&app, &api, &docs).await,
+        MeshOptions::default(),
+    )
+    .await;
+    let challenge = pki.leaf(&["app.phoenix.test"]);
+    let challenge_der = challenge.key.cert[0].to_vec();
+
+    // No challenge installed: an acme-tls/1 handshake is refused rather than given the real cert.
+    let refused = tls_connect(&pki, mesh.addr, "app.phoenix.test", &[b"acme-tls/1"], None).await;
+    assert!(
+        refused.is_err(),
+        "acme-tls/1 handshake without a challenge certificate succeeded"
+    );
+
+    mesh.resolver
+        .set_challenge("app.phoenix.test", challenge.key.clone());
+    let mut tls = tls_connect(&pki, mesh.addr, "app.phoenix.test", &[b"acme-tls/1"], None)
+        .await
+        .unwrap();
+    let (_, session) = tls.get_ref();
+    assert_eq!(session.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+    assert_eq!(
+        session.peer_certificates().unwrap()[0].to_vec(),
+        challenge_der
+    );
+    // RFC 8737: nothing but the handshake; the server closes the connection.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), tls.read_to_end(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+
+    // Regular handshakes for the same name keep the regular certificate.
+    let tls = tls_connect(
+        &pki,
+        mesh.addr,
+        "app.phoenix.test",
+        &[b"h2", b"http/1.1"],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+        challenge_der
+    );
+
+    mesh.resolver.clear_challenge("app.phoenix.test");
+    let refused = tls_connect(&pki, mesh.addr, "app.phoenix.test", &[b"acme-tls/1"], None).await;
+    assert!(
+        refused.is_err(),
+        "challenge certificate still served after clear_challenge"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_after_the_idle_timeout() {
+    let pki = Pki::new("Idle Root");
+    let (app, api, docs) = (
+        backend("app").await,
+        backend("api").await,
+        backend("docs").await,
+    );
+    let limits = ListenerLimits {
+        idle_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let mesh = start_mesh(
+        &pki,
+        &basic_routing(&app, &api, &docs).await,
+        MeshOptions {
+            limits,
+            ..Default::default()
+        },
+    )
+    .await;
+    let tls = tls_connect(&pki, mesh.addr, "app.phoenix.test", &[b"h2"], None)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+
+    // A streaming response longer than the idle timeout keeps the connection: it is not idle.
+    let req = http::Request::builder()
+        .uri(format!(
+            "https://app.phoenix.test:{}/sse?count=3&interval=300",
+            mesh.addr.port()
+        ))
+        .body(phoenix_proxy::body::empty())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(String::from_utf8_lossy(&body).matches("data:").count(), 3);
+
+    // Then, with nothing in flight, the server closes it (GOAWAY) after about 400 ms.
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(
+        closed.is_ok(),
+        "idle HTTP/2 connection still open after 3 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed after {:?}",
+        started.elapsed()
     );
 }

@@ -29,7 +29,11 @@ pub fn b64(bytes: &[u8]) -> String {
 
 /// A port that was free a moment ago (for the validation ports, which the CA connects to).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A CA running in this process.
@@ -60,7 +64,10 @@ pub fn test_config(dir: &Path) -> CaConfig {
 
 impl TestCa {
     /// Initialises a CA in a temp dir (after `tweak` and `before_serve`) and serves it.
-    pub async fn start_with(tweak: impl FnOnce(&mut CaConfig), before_serve: impl FnOnce(&CaConfig)) -> TestCa {
+    pub async fn start_with(
+        tweak: impl FnOnce(&mut CaConfig),
+        before_serve: impl FnOnce(&CaConfig),
+    ) -> TestCa {
         install_provider();
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(dir.path());
@@ -132,7 +139,9 @@ impl TestCa {
         reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(self.root_pem().as_bytes()).unwrap())
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.root_pem().as_bytes()).unwrap(),
+            )
             .build()
             .unwrap()
     }
@@ -149,35 +158,56 @@ impl Drop for TestCa {
 /// Serves http-01 key authorizations on 127.0.0.1:`port`.
 pub struct Http01Responder {
     pub tokens: Arc<Mutex<HashMap<String, String>>>,
+    /// Milliseconds to wait before answering (to stop the CA while a validation is in flight).
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     task: JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct ResponderState {
+    tokens: Arc<Mutex<HashMap<String, String>>>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Http01Responder {
     pub async fn start(port: u16) -> Http01Responder {
         use axum::extract::{Path, State};
-        let tokens: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let state = ResponderState {
+            tokens: Arc::default(),
+            delay_ms: Arc::default(),
+        };
         let app = axum::Router::new()
             .route(
                 "/.well-known/acme-challenge/{token}",
                 axum::routing::get(
-                    |State(t): State<Arc<Mutex<HashMap<String, String>>>>, Path(token): Path<String>| async move {
-                        match t.lock().unwrap().get(&token) {
-                            Some(v) => (http::StatusCode::OK, v.clone()),
+                    |State(st): State<ResponderState>, Path(token): Path<String>| async move {
+                        let delay = st.delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                        let answer = st.tokens.lock().unwrap().get(&token).cloned();
+                        match answer {
+                            Some(v) => (http::StatusCode::OK, v),
                             None => (http::StatusCode::NOT_FOUND, String::new()),
                         }
                     },
                 ),
             )
-            .with_state(tokens.clone());
+            .with_state(state.clone());
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        Http01Responder { tokens, task }
+        Http01Responder {
+            tokens: state.tokens,
+            delay_ms: state.delay_ms,
+            task,
+        }
     }
 
     pub fn set(&self, token: &str, key_auth: &str) {
-        self.tokens.lock().unwrap().insert(token.to_owned(), key_auth.to_owned());
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(token.to_owned(), key_auth.to_owned());
     }
 }
 
@@ -196,7 +226,13 @@ pub struct Resp {
 
 impl std::fmt::Debug for Resp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {:?} {}", self.status, self.headers, String::from_utf8_lossy(&self.body))
+        write!(
+            f,
+            "{} {:?} {}",
+            self.status,
+            self.headers,
+            String::from_utf8_lossy(&self.body)
+        )
     }
 }
 
@@ -208,7 +244,9 @@ impl Resp {
     /// The RFC 8555 error type, asserting the problem+json content type.
     pub fn problem(&self) -> String {
         assert_eq!(
-            self.headers.get("content-type").map(|v| v.to_str().unwrap()),
+            self.headers
+                .get("content-type")
+                .map(|v| v.to_str().unwrap()),
             Some("application/problem+json"),
             "not a problem document: {} {}",
             self.status,
@@ -218,11 +256,18 @@ impl Resp {
     }
 
     pub fn location(&self) -> String {
-        self.headers.get("location").unwrap().to_str().unwrap().to_owned()
+        self.headers
+            .get("location")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn nonce(&self) -> Option<String> {
-        self.headers.get("replay-nonce").map(|v| v.to_str().unwrap().to_owned())
+        self.headers
+            .get("replay-nonce")
+            .map(|v| v.to_str().unwrap().to_owned())
     }
 }
 
@@ -287,10 +332,19 @@ impl TestClient {
     }
 
     /// Signs `payload` (None = POST-as-GET) under an explicit protected header.
-    pub fn sign_with(&self, key: &EcdsaKeyPair, protected: &Value, payload: Option<&Value>) -> Value {
+    pub fn sign_with(
+        &self,
+        key: &EcdsaKeyPair,
+        protected: &Value,
+        payload: Option<&Value>,
+    ) -> Value {
         let protected = b64(protected.to_string().as_bytes());
-        let payload = payload.map(|p| b64(p.to_string().as_bytes())).unwrap_or_default();
-        let sig = key.sign(&self.rng, format!("{protected}.{payload}").as_bytes()).unwrap();
+        let payload = payload
+            .map(|p| b64(p.to_string().as_bytes()))
+            .unwrap_or_default();
+        let sig = key
+            .sign(&self.rng, format!("{protected}.{payload}").as_bytes())
+            .unwrap();
         json!({"protected": protected, "payload": payload, "signature": b64(sig.as_ref())})
     }
 
@@ -323,7 +377,11 @@ impl TestClient {
         let status = r.status().as_u16();
         let headers = r.headers().clone();
         let body = r.bytes().await.unwrap().to_vec();
-        Resp { status, headers, body }
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn post(&self, url: &str, payload: Option<&Value>) -> Resp {
@@ -333,7 +391,9 @@ impl TestClient {
 
     pub async fn register(&mut self) -> Resp {
         let url = self.url("newAccount");
-        let r = self.post(&url, Some(&json!({"termsOfServiceAgreed": true}))).await;
+        let r = self
+            .post(&url, Some(&json!({"termsOfServiceAgreed": true})))
+            .await;
         assert!(r.status == 201 || r.status == 200, "{r:?}");
         self.kid = Some(r.location());
         r
@@ -345,8 +405,12 @@ impl TestClient {
 
     /// newOrder for DNS names; returns (order URL, order JSON).
     pub async fn new_order(&self, names: &[&str]) -> Resp {
-        let ids: Vec<Value> = names.iter().map(|n| json!({"type": "dns", "value": n})).collect();
-        self.post(&self.url("newOrder"), Some(&json!({ "identifiers": ids }))).await
+        let ids: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"type": "dns", "value": n}))
+            .collect();
+        self.post(&self.url("newOrder"), Some(&json!({ "identifiers": ids })))
+            .await
     }
 
     /// Answers every authorization of `order` with http-01 and waits for the order to be ready.
@@ -362,7 +426,9 @@ impl TestClient {
                 .clone();
             let token = ch["token"].as_str().unwrap();
             responder.set(token, &self.key_authorization(token));
-            let r = self.post(ch["url"].as_str().unwrap(), Some(&json!({}))).await;
+            let r = self
+                .post(ch["url"].as_str().unwrap(), Some(&json!({})))
+                .await;
             assert_eq!(r.status, 200, "{r:?}");
         }
         self.wait_order(order_url, "ready").await;
@@ -384,7 +450,9 @@ impl TestClient {
 /// A CSR (DER) for `names` with a fresh P-256 key; returns (csr, key).
 pub fn csr_for(names: &[&str]) -> (Vec<u8>, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
     // rcgen's default subject carries a placeholder CN, which the CA would count as a name.
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&key).unwrap();
@@ -402,7 +470,11 @@ pub fn split_pem(chain: &str) -> Vec<String> {
 }
 
 pub fn require_binary(name: &str, package: &str) -> PathBuf {
-    let out = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "`{name}` is not installed: install the Debian package `{package}` (apt-get install -y {package}) to run this test"
@@ -414,7 +486,10 @@ pub fn require_binary(name: &str, package: &str) -> PathBuf {
 pub fn openssl_verify(root_path: &Path, chain_pem: &str, work: &Path) {
     require_binary("openssl", "openssl");
     let blocks = split_pem(chain_pem);
-    assert!(blocks.len() >= 2, "chain must hold leaf and intermediate: {chain_pem}");
+    assert!(
+        blocks.len() >= 2,
+        "chain must hold leaf and intermediate: {chain_pem}"
+    );
     let leaf = work.join("verify-leaf.pem");
     let inter = work.join("verify-intermediate.pem");
     std::fs::write(&leaf, &blocks[0]).unwrap();

@@ -38,6 +38,8 @@ pub struct TestCa {
     pub addr: SocketAddr,
     pub fingerprint: String,
     pub root_pem: String,
+    /// External Account Binding credentials (key id, base64url HMAC key) when required.
+    pub eab: Option<(String, String)>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), CaError>>>,
 }
@@ -46,6 +48,11 @@ impl TestCa {
     /// Initialises a CA for `phoenix.test` / 127.0.0.0/8 whose validator reaches
     /// `mesh.phoenix.test` at 127.0.0.1 on the given ports, and serves it.
     pub async fn start(tlsalpn01_port: u16, http01_port: u16) -> TestCa {
+        TestCa::start_with(tlsalpn01_port, http01_port, false).await
+    }
+
+    /// As [`TestCa::start`], optionally requiring External Account Binding (credentials in `eab`).
+    pub async fn start_with(tlsalpn01_port: u16, http01_port: u16, require_eab: bool) -> TestCa {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = CaConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("ca"));
         cfg.domains = vec!["phoenix.test".into()];
@@ -57,7 +64,9 @@ impl TestCa {
         cfg.acme
             .resolve
             .insert(MESH_NAME.into(), "127.0.0.1".parse().unwrap());
+        cfg.acme.require_eab = require_eab;
         let report = phoenix_ca::init(&cfg).unwrap();
+        let eab = require_eab.then(|| phoenix_ca::eab_new(&cfg).unwrap());
         let root_pem = std::fs::read_to_string(&report.root_path).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -68,6 +77,7 @@ impl TestCa {
             addr,
             fingerprint: report.fingerprint,
             root_pem,
+            eab,
             stop: None,
             task: None,
         };
@@ -108,7 +118,11 @@ impl TestCa {
         format!("{}/acme/directory", self.base())
     }
 
-    pub fn settings(&self, roots: Arc<rustls::RootCertStore>, challenge: Challenge) -> AcmeSettings {
+    pub fn settings(
+        &self,
+        roots: Arc<rustls::RootCertStore>,
+        challenge: Challenge,
+    ) -> AcmeSettings {
         AcmeSettings {
             directory_url: self.directory_url(),
             roots,
@@ -207,19 +221,22 @@ impl Http01Server {
                 };
                 let table = table.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let answer = table.respond(req.uri().path());
-                        async move {
-                            let resp = match answer {
-                                Some(body) => http::Response::builder()
-                                    .status(200)
-                                    .header("content-type", "application/octet-stream")
-                                    .body(Full::new(Bytes::from(body))),
-                                None => http::Response::builder().status(404).body(Full::new(Bytes::new())),
-                            };
-                            resp
-                        }
-                    });
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let answer = table.respond(req.uri().path());
+                            async move {
+                                match answer {
+                                    Some(body) => http::Response::builder()
+                                        .status(200)
+                                        .header("content-type", "application/octet-stream")
+                                        .body(Full::new(Bytes::from(body))),
+                                    None => http::Response::builder()
+                                        .status(404)
+                                        .body(Full::new(Bytes::new())),
+                                }
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                         .await;
@@ -247,7 +264,9 @@ pub async fn connect(
     let config = phoenix_proxy::tls::client_config(roots, alpn, None);
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
 }
 
 /// Serial (lowercase hex) of the leaf a TLS connection was handshaken with.
@@ -271,7 +290,10 @@ pub async fn echo(tls: &mut TlsStream<TcpStream>, msg: &[u8]) {
 pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

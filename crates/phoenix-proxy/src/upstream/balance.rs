@@ -28,7 +28,9 @@ pub(crate) enum Balancer {
 impl Balancer {
     pub(crate) fn new(kind: LoadBalancer, servers: usize) -> Balancer {
         match kind {
-            LoadBalancer::RoundRobin => Balancer::RoundRobin { current: Mutex::new(vec![0; servers]) },
+            LoadBalancer::RoundRobin => Balancer::RoundRobin {
+                current: Mutex::new(vec![0; servers]),
+            },
             LoadBalancer::LeastRequests => Balancer::LeastRequests,
         }
     }
@@ -98,7 +100,9 @@ mod tests {
     fn smooth_round_robin_follows_nginx_sequence() {
         // nginx's documented example: weights 5, 1, 1 give a a b a c a a.
         let b = Balancer::new(LoadBalancer::RoundRobin, 3);
-        let seq: Vec<usize> = (0..7).map(|_| b.pick(&[5, 1, 1], |_| true, |_| 0).unwrap()).collect();
+        let seq: Vec<usize> = (0..7)
+            .map(|_| b.pick(&[5, 1, 1], |_| true, |_| 0).unwrap())
+            .collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -118,11 +122,17 @@ mod tests {
     fn least_requests_prefers_the_less_loaded_of_two() {
         let b = Balancer::new(LoadBalancer::LeastRequests, 2);
         for _ in 0..100 {
-            assert_eq!(b.pick(&[1, 1], |_| true, |i| if i == 0 { 5 } else { 1 }), Some(1));
+            assert_eq!(
+                b.pick(&[1, 1], |_| true, |i| if i == 0 { 5 } else { 1 }),
+                Some(1)
+            );
         }
         // weight counts: 4 in flight on weight 4 is lighter than 2 in flight on weight 1
         for _ in 0..100 {
-            assert_eq!(b.pick(&[4, 1], |_| true, |i| if i == 0 { 4 } else { 2 }), Some(0));
+            assert_eq!(
+                b.pick(&[4, 1], |_| true, |i| if i == 0 { 4 } else { 2 }),
+                Some(0)
+            );
         }
         assert_eq!(b.pick(&[1, 1, 1], |i| i == 2, |_| 9), Some(2));
         assert_eq!(b.pick(&[1, 1], |_| false, |_| 0), None);

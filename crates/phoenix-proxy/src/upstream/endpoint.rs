@@ -66,7 +66,8 @@ pub(crate) struct TlsSettings {
 
 enum Conn {
     H1(http1::SendRequest<UpstreamBody>),
-    H2(http2::SendRequest<UpstreamBody>),
+    /// With the generation of the shared slot it came from (0 before it is stored).
+    H2(http2::SendRequest<UpstreamBody>, u64),
 }
 
 struct Idle {
@@ -77,15 +78,23 @@ struct Idle {
 #[derive(Default)]
 struct H2Slot {
     conn: Option<http2::SendRequest<UpstreamBody>>,
+    /// Counts stored connections, so a failed one is forgotten only if it is still the current one.
+    generation: u64,
     connecting: bool,
 }
 
 /// Why one attempt on one server failed, and whether the request came back.
 pub(crate) enum AttemptError {
     /// No connection could be made; the request was never sent.
-    Connect { req: Request<UpstreamBody>, source: BoxError },
+    Connect {
+        req: Request<UpstreamBody>,
+        source: BoxError,
+    },
     /// hyper gave the request back: it was not written.
-    NotSent { req: Request<UpstreamBody>, source: BoxError },
+    NotSent {
+        req: Request<UpstreamBody>,
+        source: BoxError,
+    },
     /// The request was (maybe partly) written and no response headers came.
     Sent { source: BoxError },
 }
@@ -195,7 +204,9 @@ impl Endpoint {
                 Protocol::Http1 => false,
                 // An Upgrade cannot travel over HTTP/2; try HTTP/1.1, which most h2c servers also speak.
                 Protocol::H2c => !upgrade,
-                Protocol::Https => h2_wanted && !upgrade && !self.h2_refused.load(Ordering::Relaxed),
+                Protocol::Https => {
+                    h2_wanted && !upgrade && !self.h2_refused.load(Ordering::Relaxed)
+                }
             };
             let acquired = if use_h2 {
                 self.h2_conn().await
@@ -211,17 +222,25 @@ impl Endpoint {
                     prepare_h1(&mut req, &self.target);
                     match tx.try_send_request(req).await {
                         Ok(resp) => {
-                            let keep = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(tx);
+                            let keep =
+                                (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(tx);
                             return Ok(resp.map(|b| ResponseBody::new(b, in_flight, keep)));
                         }
                         Err(e) => e,
                     }
                 }
-                Conn::H2(mut tx) => {
+                Conn::H2(mut tx, generation) => {
                     prepare_h2(&mut req, &self.target);
                     match tx.try_send_request(req).await {
                         Ok(resp) => return Ok(resp.map(|b| ResponseBody::new(b, in_flight, None))),
-                        Err(e) => e,
+                        Err(e) => {
+                            if e.message().is_some() {
+                                // Unsent means the connection takes no more streams (GOAWAY, closed):
+                                // make the next request connect instead of finding it again.
+                                self.forget_h2(generation);
+                            }
+                            e
+                        }
                     }
                 }
             };
@@ -276,6 +295,13 @@ impl Endpoint {
         }
     }
 
+    /// Drops idle HTTP/1.1 connections past [`IDLE_TIMEOUT`]; hyper then closes them.
+    pub(crate) fn close_expired_idle(&self) {
+        let now = Instant::now();
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT && !c.tx.is_closed());
+    }
+
     /// Called by [`ResponseBody`] when a response on `tx` ended cleanly.
     pub(crate) fn return_h1(&self, tx: http1::SendRequest<UpstreamBody>) {
         if tx.is_closed() {
@@ -283,7 +309,10 @@ impl Endpoint {
         }
         let now = Instant::now();
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        while idle.front().is_some_and(|c| now.duration_since(c.since) > IDLE_TIMEOUT) {
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
+        {
             idle.pop_front();
         }
         if idle.len() >= MAX_IDLE {
@@ -302,7 +331,7 @@ impl Endpoint {
                 let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(tx) = &slot.conn {
                     if !tx.is_closed() {
-                        return Ok((Conn::H2(tx.clone()), true));
+                        return Ok((Conn::H2(tx.clone(), slot.generation), true));
                     }
                     slot.conn = None;
                 }
@@ -321,12 +350,24 @@ impl Endpoint {
         }
         // This task connects; the guard lets the waiters go even if this future is dropped.
         let guard = Connecting(self);
-        let conn = self.connect(true).await;
-        if let Ok(Conn::H2(tx)) = &conn {
-            self.h2.lock().unwrap_or_else(|p| p.into_inner()).conn = Some(tx.clone());
-        }
+        let conn = match self.connect(true).await? {
+            Conn::H2(tx, _) => {
+                let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+                slot.generation += 1;
+                slot.conn = Some(tx.clone());
+                Conn::H2(tx, slot.generation)
+            }
+            h1 => h1,
+        };
         drop(guard);
-        Ok((conn?, false))
+        Ok((conn, false))
+    }
+
+    fn forget_h2(&self, generation: u64) {
+        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.generation == generation {
+            slot.conn = None;
+        }
     }
 
     /// TCP (+ TLS) + HTTP handshake within the connect timeout.
@@ -398,7 +439,11 @@ struct Connecting<'a>(&'a Endpoint);
 
 impl Drop for Connecting<'_> {
     fn drop(&mut self) {
-        self.0.h2.lock().unwrap_or_else(|p| p.into_inner()).connecting = false;
+        self.0
+            .h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connecting = false;
         self.0.h2_changed.notify_waiters();
     }
 }
@@ -434,7 +479,7 @@ where
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok(Conn::H2(tx))
+    Ok(Conn::H2(tx, 0))
 }
 
 /// HTTP/1.1: origin-form URI; `Host` kept as the client sent it, or taken from an HTTP/2 client's
@@ -463,7 +508,11 @@ fn prepare_h1(req: &mut Request<UpstreamBody>, target: &Target) {
 fn prepare_h2(req: &mut Request<UpstreamBody>, target: &Target) {
     let host = req.headers_mut().remove(header::HOST);
     let headers = req.headers_mut();
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE] {
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
         headers.remove(name);
     }
     headers.remove("keep-alive");
@@ -494,7 +543,8 @@ mod tests {
         let mut r = Request::new(crate::body::empty());
         *r.uri_mut() = uri.parse().unwrap();
         if let Some(h) = host {
-            r.headers_mut().insert(header::HOST, HeaderValue::from_str(h).unwrap());
+            r.headers_mut()
+                .insert(header::HOST, HeaderValue::from_str(h).unwrap());
         }
         r
     }
@@ -522,8 +572,10 @@ mod tests {
     fn h2_gets_absolute_form_with_upstream_scheme_and_client_authority() {
         let t = parse("h2c://10.0.0.1:50051").unwrap();
         let mut r = req("/pkg.Svc/Call", Some("grpc.phoenix.test"));
-        r.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        r.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         prepare_h2(&mut r, &t);
         assert_eq!(r.uri(), "http://grpc.phoenix.test/pkg.Svc/Call");
         assert!(r.headers().get(header::HOST).is_none());

@@ -87,15 +87,18 @@ impl HealthState {
         let was_healthy = self.healthy.swap(false, Ordering::Relaxed);
         if !self.active {
             let backoff = if was_healthy {
-                self.backoff_ms.store(FIRST_BACKOFF.as_millis() as u64, Ordering::Relaxed);
+                self.backoff_ms
+                    .store(FIRST_BACKOFF.as_millis() as u64, Ordering::Relaxed);
                 FIRST_BACKOFF.as_millis() as u64
             } else {
                 // a failed probe: wait twice as long before the next one
-                let next = (self.backoff_ms.load(Ordering::Relaxed) * 2).min(MAX_BACKOFF.as_millis() as u64);
+                let next = (self.backoff_ms.load(Ordering::Relaxed) * 2)
+                    .min(MAX_BACKOFF.as_millis() as u64);
                 self.backoff_ms.store(next, Ordering::Relaxed);
                 next
             };
-            self.retry_at_ms.store(self.now_ms() + backoff, Ordering::Relaxed);
+            self.retry_at_ms
+                .store(self.now_ms() + backoff, Ordering::Relaxed);
         }
         if was_healthy {
             Transition::Down
@@ -114,7 +117,8 @@ impl HealthState {
         if self.healthy.swap(true, Ordering::Relaxed) {
             Transition::None
         } else {
-            self.backoff_ms.store(FIRST_BACKOFF.as_millis() as u64, Ordering::Relaxed);
+            self.backoff_ms
+                .store(FIRST_BACKOFF.as_millis() as u64, Ordering::Relaxed);
             Transition::Up
         }
     }
@@ -131,7 +135,11 @@ impl HealthState {
 
 /// Runs the active checks of `service` every `cfg.interval` until shutdown or until the service is
 /// dropped (a reload replaced it): the task holds only a weak reference between rounds.
-pub(crate) fn spawn_checker(service: &Arc<Service>, cfg: HealthConfig, shutdown: CancellationToken) {
+pub(crate) fn spawn_checker(
+    service: &Arc<Service>,
+    cfg: HealthConfig,
+    shutdown: CancellationToken,
+) {
     let weak: Weak<Service> = Arc::downgrade(service);
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(cfg.interval);
@@ -143,7 +151,10 @@ pub(crate) fn spawn_checker(service: &Arc<Service>, cfg: HealthConfig, shutdown:
             }
             let Some(service) = weak.upgrade() else { break };
             let round = futures_util::future::join_all(
-                service.endpoints().iter().map(|ep| check_and_report(ep, &cfg)),
+                service
+                    .endpoints()
+                    .iter()
+                    .map(|ep| check_and_report(ep, &cfg)),
             );
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -175,10 +186,16 @@ async fn check_and_report(ep: &Arc<Endpoint>, cfg: &HealthConfig) {
 async fn check(ep: &Arc<Endpoint>, cfg: &HealthConfig) -> Result<(), String> {
     let request = || {
         let mut req = Request::new(crate::body::empty());
-        *req.uri_mut() = cfg.path.parse().map_err(|e| format!("bad health path: {e}"))?;
+        *req.uri_mut() = cfg
+            .path
+            .parse()
+            .map_err(|e| format!("bad health path: {e}"))?;
         let headers = req.headers_mut();
         headers.insert(header::HOST, ep.host_header());
-        headers.insert(header::USER_AGENT, http::HeaderValue::from_static("phoenix-health-check"));
+        headers.insert(
+            header::USER_AGENT,
+            http::HeaderValue::from_static("phoenix-health-check"),
+        );
         Ok::<_, String>(req)
     };
     let req = request()?;
@@ -227,7 +244,10 @@ mod tests {
         let h = HealthState::new(true);
         assert!(h.is_available());
         assert_eq!(h.connect_failed(), Transition::Down);
-        assert!(!h.is_available(), "active mode: ejected until a check passes");
+        assert!(
+            !h.is_available(),
+            "active mode: ejected until a check passes"
+        );
         assert_eq!(h.request_succeeded(), Transition::None);
         assert!(!h.is_healthy());
         assert_eq!(h.check_result(false), Transition::None);
@@ -245,11 +265,19 @@ mod tests {
         h.retry_at_ms.store(0, Ordering::Relaxed);
         assert!(h.is_available(), "probe allowed after back-off");
         assert_eq!(h.connect_failed(), Transition::None);
-        assert_eq!(h.backoff_ms.load(Ordering::Relaxed), 2000, "back-off doubles after a failed probe");
+        assert_eq!(
+            h.backoff_ms.load(Ordering::Relaxed),
+            2000,
+            "back-off doubles after a failed probe"
+        );
         h.retry_at_ms.store(0, Ordering::Relaxed);
         assert_eq!(h.request_succeeded(), Transition::Up);
         assert!(h.is_healthy());
-        assert_eq!(h.backoff_ms.load(Ordering::Relaxed), 1000, "back-off resets on success");
+        assert_eq!(
+            h.backoff_ms.load(Ordering::Relaxed),
+            1000,
+            "back-off resets on success"
+        );
     }
 
     #[test]
@@ -259,6 +287,9 @@ mod tests {
         for _ in 0..20 {
             h.connect_failed();
         }
-        assert_eq!(h.backoff_ms.load(Ordering::Relaxed), MAX_BACKOFF.as_millis() as u64);
+        assert_eq!(
+            h.backoff_ms.load(Ordering::Relaxed),
+            MAX_BACKOFF.as_millis() as u64
+        );
     }
 }

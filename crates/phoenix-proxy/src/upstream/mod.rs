@@ -18,6 +18,12 @@
 //!   or is dropped (see `response`), so least-requests sees long streams as the load they are.
 //! - **Passive ejection** happens on connect errors only: a 500 or a reset from a live server says
 //!   nothing about the next request.
+//! - **Protocols**: `http://` speaks HTTP/1.1, `h2c://` HTTP/2 with prior knowledge, `https://`
+//!   follows the client (HTTP/2 when the client used it and the server agrees in ALPN, else
+//!   HTTP/1.1). Requests with `Upgrade` always go over HTTP/1.1.
+//! - **Dead keep-alive connections** are not the server's fault: a request that fails on a reused
+//!   connection is tried again on a fresh connection to the same server when that is safe (unsent, or
+//!   idempotent without a body), without using up a retry.
 
 mod balance;
 mod endpoint;
@@ -123,13 +129,17 @@ pub struct Service {
     balancer: Balancer,
     timeout: Duration,
     checks_started: AtomicBool,
+    reaper_started: AtomicBool,
 }
 
 impl fmt::Debug for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Service")
             .field("name", &self.config.name)
-            .field("servers", &self.endpoints.iter().map(|e| &*e.url).collect::<Vec<_>>())
+            .field(
+                "servers",
+                &self.endpoints.iter().map(|e| &*e.url).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -150,30 +160,47 @@ impl Service {
         for (i, server) in cfg.servers.iter().enumerate() {
             match target::parse(server.url()) {
                 Ok(t) => targets.push(t),
-                Err(message) => problems.push(Problem::new(format!("{place}.servers[{i}]"), message)),
+                Err(message) => {
+                    problems.push(Problem::new(format!("{place}.servers[{i}]"), message))
+                }
             }
         }
         if !cfg.servers.is_empty() && cfg.servers.iter().all(|s| s.weight() == 0) {
             problems.push(
-                Problem::new(format!("{place}.servers"), "every server has weight 0, so none gets traffic")
-                    .with_hint("give at least one server a weight of 1 or more"),
+                Problem::new(
+                    format!("{place}.servers"),
+                    "every server has weight 0, so none gets traffic",
+                )
+                .with_hint("give at least one server a weight of 1 or more"),
             );
         }
         if cfg.timeout == Some(Duration::ZERO) {
-            problems.push(Problem::new(format!("{place}.timeout"), "must be longer than 0s"));
+            problems.push(Problem::new(
+                format!("{place}.timeout"),
+                "must be longer than 0s",
+            ));
         }
         if let Some(h) = &cfg.health {
             if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
                 problems.push(
-                    Problem::new(format!("{place}.health.path"), format!("{:?} is not a request path", h.path))
-                        .with_hint("write it like \"/health\""),
+                    Problem::new(
+                        format!("{place}.health.path"),
+                        format!("{:?} is not a request path", h.path),
+                    )
+                    .with_hint("write it like \"/health\""),
                 );
             }
             if h.interval.is_zero() {
-                problems.push(Problem::new(format!("{place}.health.interval"), "must be longer than 0s"));
+                problems.push(Problem::new(
+                    format!("{place}.health.interval"),
+                    "must be longer than 0s",
+                ));
             }
             if h.timeout.is_zero() {
-                problems.push(Problem::new(format!("{place}.health.timeout"), "must be longer than 0s"));
+                problems.push(Problem::new(
+                    format!("{place}.health.timeout"),
+                    "must be longer than 0s",
+                ));
             }
             if let Some(status) = h.status {
                 if !(100..=599).contains(&status) {
@@ -186,7 +213,11 @@ impl Service {
         }
 
         let https = targets.iter().any(|t| !t.protocol.is_plaintext());
-        let connectors = if https { tls_connectors(cfg, ctx, &place, &mut problems) } else { None };
+        let connectors = if https {
+            tls_connectors(cfg, ctx, &place, &mut problems)
+        } else {
+            None
+        };
         let server_name_override = match (&cfg.tls_server_name, https) {
             (Some(name), true) => match ServerName::try_from(name.clone()) {
                 Ok(n) => Some(n),
@@ -215,15 +246,20 @@ impl Service {
                             Err(e) => {
                                 problems.push(Problem::new(
                                     format!("{place}.servers[{i}]"),
-                                    format!("{:?} cannot be verified as a TLS server name: {e}", target.host),
+                                    format!(
+                                        "{:?} cannot be verified as a TLS server name: {e}",
+                                        target.host
+                                    ),
                                 ));
                                 continue;
                             }
                         },
                     };
-                    connectors
-                        .as_ref()
-                        .map(|(h2, h1)| TlsSettings { h2: h2.clone(), h1: h1.clone(), server_name })
+                    connectors.as_ref().map(|(h2, h1)| TlsSettings {
+                        h2: h2.clone(),
+                        h1: h1.clone(),
+                        server_name,
+                    })
                 };
                 endpoints.push(Arc::new(Endpoint::new(
                     server.url(),
@@ -254,6 +290,7 @@ impl Service {
             weights,
             timeout: cfg.timeout.unwrap_or(ctx.default_timeout),
             checks_started: AtomicBool::new(false),
+            reaper_started: AtomicBool::new(false),
         }))
     }
 
@@ -297,13 +334,44 @@ impl Service {
     /// The request's version says what the client spoke: an HTTP/2 request goes over HTTP/2 to an
     /// `https://` server that offers it. Requests with an `Upgrade` header always use HTTP/1.1.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Upstreamed, UpstreamError> {
+        if !self.reaper_started.load(Ordering::Relaxed) {
+            self.start_reaper();
+        }
         let mut last = None;
         match tokio::time::timeout(self.timeout, self.send_with_retries(req, &mut last)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
-                server: last.map_or_else(|| Arc::from(self.config.name.as_str()), |i| self.endpoints[i].url.clone()),
+                server: last.map_or_else(
+                    || Arc::from(self.config.name.as_str()),
+                    |i| self.endpoints[i].url.clone(),
+                ),
             }),
         }
+    }
+
+    /// Closes idle connections past their idle timeout even when no request comes to do it. Started
+    /// by the first request (not in `new`, which may run outside a runtime, e.g. `phoenix check`);
+    /// ends when the service is dropped.
+    fn start_reaper(&self) {
+        if self.reaper_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let endpoints: Vec<_> = self.endpoints.iter().map(Arc::downgrade).collect();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(endpoint::IDLE_TIMEOUT);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let mut alive = false;
+                for ep in endpoints.iter().filter_map(std::sync::Weak::upgrade) {
+                    ep.close_expired_idle();
+                    alive = true;
+                }
+                if !alive {
+                    break;
+                }
+            }
+        });
     }
 
     async fn send_with_retries(
@@ -313,12 +381,11 @@ impl Service {
     ) -> Result<Upstreamed, UpstreamError> {
         let upgrade = req.headers().contains_key(header::UPGRADE);
         let h2_wanted = req.version() == Version::HTTP_2;
-        // Copy what is needed to send it again only when that may happen: idempotent, no body.
-        let replay = (self.config.retries > 0
-            && !upgrade
-            && is_idempotent(req.method())
-            && http_body::Body::is_end_stream(req.body()))
-        .then(|| Replay::of(&req));
+        // Copy what is needed to send it again only when that may happen: idempotent, no body. Even
+        // with `retries = 0`: a dead keep-alive connection is not a server failure (see the module doc).
+        let replay =
+            (!upgrade && is_idempotent(req.method()) && http_body::Body::is_end_stream(req.body()))
+                .then(|| Replay::of(&req));
         let mut retries_left = self.config.retries;
         let mut tried: Vec<usize> = Vec::new();
         let mut req = req;
@@ -331,7 +398,10 @@ impl Service {
                     if ep.health.request_succeeded() == Transition::Up {
                         tracing::info!(service = %ep.service, server = %ep.url, "upstream server answers again and is back in rotation");
                     }
-                    return Ok(Upstreamed { response, server: ep.url.clone() });
+                    return Ok(Upstreamed {
+                        response,
+                        server: ep.url.clone(),
+                    });
                 }
                 Err(e) => e,
             };
@@ -341,14 +411,27 @@ impl Service {
                     if ep.health.connect_failed() == Transition::Down {
                         tracing::info!(service = %ep.service, server = %ep.url, error = %source, "upstream server refused a connection and leaves rotation");
                     }
-                    (Some(req), UpstreamError::Connect { server: ep.url.clone(), source })
+                    (
+                        Some(req),
+                        UpstreamError::Connect {
+                            server: ep.url.clone(),
+                            source,
+                        },
+                    )
                 }
-                AttemptError::NotSent { req, source } => {
-                    (Some(req), UpstreamError::Protocol { server: ep.url.clone(), source })
-                }
+                AttemptError::NotSent { req, source } => (
+                    Some(req),
+                    UpstreamError::Protocol {
+                        server: ep.url.clone(),
+                        source,
+                    },
+                ),
                 AttemptError::Sent { source } => (
                     replay.as_ref().map(Replay::build),
-                    UpstreamError::Protocol { server: ep.url.clone(), source },
+                    UpstreamError::Protocol {
+                        server: ep.url.clone(),
+                        source,
+                    },
                 ),
             };
             match again {
@@ -368,8 +451,15 @@ impl Service {
         let eps = &self.endpoints;
         let in_flight = |i: usize| eps[i].in_flight.load(Ordering::Relaxed);
         self.balancer
-            .pick(&self.weights, |i| !tried.contains(&i) && eps[i].health.is_available(), in_flight)
-            .or_else(|| self.balancer.pick(&self.weights, |i| !tried.contains(&i), in_flight))
+            .pick(
+                &self.weights,
+                |i| !tried.contains(&i) && eps[i].health.is_available(),
+                in_flight,
+            )
+            .or_else(|| {
+                self.balancer
+                    .pick(&self.weights, |i| !tried.contains(&i), in_flight)
+            })
             .or_else(|| self.balancer.pick(&self.weights, |_| true, in_flight))
     }
 }
@@ -402,8 +492,9 @@ fn tls_connectors(
             Ok(roots) => Arc::new(roots),
             Err(e) => {
                 problems.push(
-                    Problem::new(format!("{place}.tls_root"), e.to_string())
-                        .with_hint("point tls_root at a PEM file with the root certificate(s) of the servers"),
+                    Problem::new(format!("{place}.tls_root"), e.to_string()).with_hint(
+                        "point tls_root at a PEM file with the root certificate(s) of the servers",
+                    ),
                 );
                 return None;
             }
@@ -439,7 +530,10 @@ mod tests {
     fn service(servers: &[&str]) -> ServiceConfig {
         ServiceConfig {
             name: "app".into(),
-            servers: servers.iter().map(|s| ServerConfig::Url(s.to_string())).collect(),
+            servers: servers
+                .iter()
+                .map(|s| ServerConfig::Url(s.to_string()))
+                .collect(),
             load_balancer: LoadBalancer::RoundRobin,
             health: None,
             timeout: None,
@@ -452,7 +546,12 @@ mod tests {
 
     #[test]
     fn reports_every_problem_at_once() {
-        let mut cfg = service(&["http://127.0.0.1:1", "ftp://x", "https://backend.lan", "http://a/b"]);
+        let mut cfg = service(&[
+            "http://127.0.0.1:1",
+            "ftp://x",
+            "https://backend.lan",
+            "http://a/b",
+        ]);
         cfg.health = Some(HealthConfig {
             path: "health".into(),
             interval: Duration::ZERO,
@@ -479,29 +578,64 @@ mod tests {
     fn empty_or_all_zero_weight_services_are_refused() {
         assert!(Service::new(&service(&[]), &ctx()).is_err());
         let mut cfg = service(&[]);
-        cfg.servers = vec![ServerConfig::Weighted { url: "http://127.0.0.1:1".into(), weight: 0 }];
+        cfg.servers = vec![ServerConfig::Weighted {
+            url: "http://127.0.0.1:1".into(),
+            weight: 0,
+        }];
         assert!(Service::new(&cfg, &ctx()).is_err());
     }
 
     #[test]
     fn builds_and_reports_status() {
         let mut cfg = service(&["http://127.0.0.1:1"]);
-        cfg.servers.push(ServerConfig::Weighted { url: "h2c://[::1]:2".into(), weight: 3 });
+        cfg.servers.push(ServerConfig::Weighted {
+            url: "h2c://[::1]:2".into(),
+            weight: 3,
+        });
         let svc = Service::new(&cfg, &ctx()).unwrap();
         assert_eq!(svc.name(), "app");
         assert_eq!(svc.config(), &cfg);
         assert_eq!(
             svc.servers(),
             vec![
-                ServerStatus { url: "http://127.0.0.1:1".into(), healthy: true, in_flight: 0, weight: 1 },
-                ServerStatus { url: "h2c://[::1]:2".into(), healthy: true, in_flight: 0, weight: 3 },
+                ServerStatus {
+                    url: "http://127.0.0.1:1".into(),
+                    healthy: true,
+                    in_flight: 0,
+                    weight: 1
+                },
+                ServerStatus {
+                    url: "h2c://[::1]:2".into(),
+                    healthy: true,
+                    in_flight: 0,
+                    weight: 3
+                },
             ]
         );
     }
 
     #[test]
+    fn send_and_its_results_can_cross_threads() {
+        // The proxy runs `send` inside hyper's per-connection tasks, which tokio may move between
+        // worker threads; this fails to compile if a lock guard or a !Send body is held across an await.
+        fn assert_send<T: Send>(_: &T) {}
+        fn assert_send_sync<T: Send + Sync>() {}
+        let svc = Service::new(&service(&["http://127.0.0.1:1"]), &ctx()).unwrap();
+        let fut = svc.send(Request::new(crate::body::empty()));
+        assert_send(&fut);
+        assert_send_sync::<Service>();
+        assert_send_sync::<UpstreamError>();
+        fn assert_body_send<T: Send + 'static>() {}
+        assert_body_send::<ResponseBody>();
+    }
+
+    #[test]
     fn idempotent_methods_per_rfc_9110() {
-        assert!(is_idempotent(&Method::GET) && is_idempotent(&Method::PUT) && is_idempotent(&Method::DELETE));
+        assert!(
+            is_idempotent(&Method::GET)
+                && is_idempotent(&Method::PUT)
+                && is_idempotent(&Method::DELETE)
+        );
         assert!(!is_idempotent(&Method::POST) && !is_idempotent(&Method::PATCH));
     }
 }

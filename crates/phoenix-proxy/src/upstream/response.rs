@@ -33,14 +33,18 @@ pub(crate) struct InFlight(Arc<Endpoint>);
 
 impl InFlight {
     pub(crate) fn enter(endpoint: &Arc<Endpoint>) -> InFlight {
-        endpoint.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        endpoint
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         InFlight(endpoint.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -62,7 +66,10 @@ impl ResponseBody {
         in_flight: InFlight,
         h1: Option<http1::SendRequest<UpstreamBody>>,
     ) -> ResponseBody {
-        ResponseBody { inner, release: Some(Release { in_flight, h1 }) }
+        ResponseBody {
+            inner,
+            release: Some(Release { in_flight, h1 }),
+        }
     }
 
     fn finish(&mut self, clean: bool) {
@@ -113,6 +120,8 @@ impl Drop for ResponseBody {
 
 impl fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("ResponseBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }

@@ -68,7 +68,9 @@ pub(crate) fn parse(url: &str) -> Result<Target, String> {
         .ok_or_else(|| format!("{url:?} has no host"))?
         .clone();
     if authority.as_str().contains('@') {
-        return Err(format!("{url:?} contains user information, which is not supported"));
+        return Err(format!(
+            "{url:?} contains user information, which is not supported"
+        ));
     }
     if let Some(pq) = uri.path_and_query() {
         if pq.query().is_some() || !(pq.path().is_empty() || pq.path() == "/") {
@@ -106,7 +108,14 @@ pub(crate) fn parse(url: &str) -> Result<Target, String> {
         Protocol::Https => Scheme::HTTPS,
         Protocol::Http1 | Protocol::H2c => Scheme::HTTP,
     };
-    Ok(Target { protocol, host, port, ip, authority, scheme })
+    Ok(Target {
+        protocol,
+        host,
+        port,
+        ip,
+        authority,
+        scheme,
+    })
 }
 
 #[cfg(test)]
@@ -116,7 +125,10 @@ mod tests {
     #[test]
     fn parses_the_three_schemes_with_default_ports() {
         let t = parse("http://10.0.0.5").unwrap();
-        assert_eq!((t.protocol, t.port, t.host.as_str()), (Protocol::Http1, 80, "10.0.0.5"));
+        assert_eq!(
+            (t.protocol, t.port, t.host.as_str()),
+            (Protocol::Http1, 80, "10.0.0.5")
+        );
         assert_eq!(t.ip, Some("10.0.0.5".parse().unwrap()));
         let t = parse("h2c://127.0.0.1:50051/").unwrap();
         assert_eq!((t.protocol, t.port), (Protocol::H2c, 50051));
