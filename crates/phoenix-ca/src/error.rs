@@ -72,9 +72,3 @@ impl CaError {
         }
     }
 }
-
-impl From<rcgen::Error> for CaError {
-    fn from(e: rcgen::Error) -> Self {
-        CaError::Pki(e.to_string())
-    }
-}

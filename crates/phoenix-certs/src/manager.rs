@@ -299,7 +299,10 @@ impl CertManager {
             // Copied out so that the lock is not held across the awaits below.
             let installed = self.lock_installed().clone();
             if let Some(installed) = installed {
-                let (window, recheck) = self.renewal_window(&installed).await;
+                let (window, recheck) = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    answer = self.renewal_window(&installed) => answer,
+                };
                 let due = renewal_time(
                     installed.state.not_before,
                     installed.state.not_after,

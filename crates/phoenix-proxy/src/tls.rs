@@ -85,12 +85,23 @@ pub fn client_config(
     alpn: &[&[u8]],
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Arc<rustls::ClientConfig> {
+    let identity = client_cert.map(|key| Arc::new(FixedClientCert(key)) as Arc<dyn ResolvesClientCert>);
+    client_config_with_identity(roots, alpn, identity)
+}
+
+/// Like [`client_config`], with the client certificate chosen at each handshake by `identity`, e.g.
+/// [`CertResolver::client_identity`], so a renewed certificate is presented without a new config.
+pub fn client_config_with_identity(
+    roots: Arc<RootCertStore>,
+    alpn: &[&[u8]],
+    identity: Option<Arc<dyn ResolvesClientCert>>,
+) -> Arc<rustls::ClientConfig> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("the aws-lc-rs provider supports TLS 1.2 and 1.3")
         .with_root_certificates(roots);
-    let mut config = match client_cert {
-        Some(key) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(key))),
+    let mut config = match identity {
+        Some(identity) => builder.with_client_cert_resolver(identity),
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -408,6 +419,12 @@ impl CertResolver {
     }
 
     /// The certificate a normal handshake for `sni` would get.
+    /// This role's certificate as its client identity towards the next hop (mTLS): the current
+    /// default certificate, read at each handshake so renewals take effect on new connections.
+    pub fn client_identity(self: &Arc<Self>) -> Arc<dyn ResolvesClientCert> {
+        Arc::new(ClientIdentity(self.clone()))
+    }
+
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let certs = self.certs.load();
         if let Some(sni) = sni {
@@ -422,6 +439,20 @@ impl CertResolver {
             }
         }
         certs.default.as_ref().map(|d| d.key.clone())
+    }
+}
+
+/// See [`CertResolver::client_identity`].
+#[derive(Debug)]
+struct ClientIdentity(Arc<CertResolver>);
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.lookup(None)
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.lookup(None).is_some()
     }
 }
 

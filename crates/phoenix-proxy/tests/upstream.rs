@@ -48,6 +48,7 @@ struct Backend {
     counters: Arc<Counters>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
+    reserved: Option<ClosedPort>,
 }
 
 type TestBody = BoxBody<Bytes, Infallible>;
@@ -82,6 +83,7 @@ impl Backend {
             counters,
             stop: CancellationToken::new(),
             task: None,
+            reserved: None,
         };
         backend.serve(listener);
         backend
@@ -105,10 +107,13 @@ impl Backend {
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
+        // keep the port, so that no other test's listener takes it meanwhile
+        self.reserved = Some(ClosedPort::reserve(self.addr));
     }
 
     /// Listens again on the same port.
     async fn restart(&mut self) {
+        self.reserved = None;
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.stop = CancellationToken::new();
         self.serve(listener);
@@ -286,9 +291,27 @@ async fn fetch(
 }
 
 /// A port on which nothing listens.
-async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
+/// A port that refuses connections: bound (so no other listener can take it while tests run in
+/// parallel) but not listening.
+struct ClosedPort {
+    addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    fn new() -> ClosedPort {
+        ClosedPort::reserve("127.0.0.1:0".parse().unwrap())
+    }
+
+    fn reserve(addr: SocketAddr) -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        ClosedPort {
+            addr: socket.local_addr().unwrap(),
+            _socket: socket,
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -533,7 +556,8 @@ async fn failing_health_check_ejects_without_any_traffic_and_success_restores() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failure_is_retried_on_the_other_server() {
-    let dead = closed_port().await;
+    let closed = ClosedPort::new();
+    let dead = closed.addr;
     let live = Backend::start("live").await;
     // round robin with equal weights starts with the first server: the dead one
     let cfg = service_config(vec![url(format!("http://{dead}")), url(live.url("http"))]);
@@ -569,7 +593,8 @@ async fn connect_failure_is_retried_on_the_other_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_health_checks_an_ejected_server_is_probed_again_after_back_off() {
-    let late = closed_port().await;
+    let closed = ClosedPort::new();
+    let late = closed.addr;
     let live = Backend::start("live").await;
     let cfg = service_config(vec![url(format!("http://{late}")), url(live.url("http"))]);
     let service = Service::new(&cfg, &ctx()).unwrap();
@@ -580,6 +605,7 @@ async fn without_health_checks_an_ejected_server_is_probed_again_after_back_off(
     );
     let ejected = Instant::now();
     // the server comes up; within the first back-off (1 s) it gets nothing
+    drop(closed);
     let late = Backend::start_on(late, "late", Duration::ZERO, None).await;
     while ejected.elapsed() < Duration::from_millis(800) {
         assert_eq!(fetch(&service, get("/")).await.unwrap().2, "live");

@@ -170,7 +170,7 @@ impl Gateway {
             }
         };
 
-        let client_cert = gw.mtls.then(|| cert.resolver.clone().client_cert());
+        let client_cert = gw.mtls.then(|| cert.resolver.client_identity());
         let ctx = BuildContext {
             plaintext_networks: &[],
             upstream: UpstreamContext {

@@ -246,15 +246,25 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             }
             let cfg = ca_config(&config)?;
             let files = phoenix_ca::issue(&cfg, &names, &ips, &out)?;
-            println!("{files}");
+            println!("Issued serial {} valid until {}", files.serial, humantime::format_rfc3339_seconds(files.not_after));
+            println!("  certificate chain: {}", files.cert_path.display());
+            println!("  private key:       {}", files.key_path.display());
+            println!("  root:              {}", files.root_path.display());
             Ok(())
         }
         CaCommand::List { config } => {
             let cfg = ca_config(&config)?;
             let records = phoenix_ca::list(&cfg)?;
-            println!("{:<34} {:<22} {:<9} NAMES", "SERIAL", "NOT AFTER", "STATUS");
+            println!("{:<32}  {:<20}  {:<7}  NAMES", "SERIAL", "NOT AFTER", "STATUS");
             for r in records {
-                println!("{r}");
+                let status = match r.status {
+                    phoenix_ca::CertStatus::Valid => "valid",
+                    phoenix_ca::CertStatus::Expired => "expired",
+                    phoenix_ca::CertStatus::Revoked => "revoked",
+                    _ => "unknown",
+                };
+                let not_after = humantime::format_rfc3339_seconds(r.not_after);
+                println!("{:<32}  {:<20}  {:<7}  {}", r.serial, not_after, status, r.names.join(","));
             }
             Ok(())
         }

@@ -217,6 +217,7 @@ impl Endpoint {
                 Ok(c) => c,
                 Err(source) => return Err(AttemptError::Connect { req, source }),
             };
+            let mut h2_generation = None;
             let outcome = match conn {
                 Conn::H1(mut tx) => {
                     prepare_h1(&mut req, &self.target);
@@ -230,6 +231,7 @@ impl Endpoint {
                     }
                 }
                 Conn::H2(mut tx, generation) => {
+                    h2_generation = Some(generation);
                     prepare_h2(&mut req, &self.target);
                     match tx.try_send_request(req).await {
                         Ok(resp) => return Ok(resp.map(|b| ResponseBody::new(b, in_flight, None))),
@@ -255,6 +257,9 @@ impl Endpoint {
                 (None, _) => return Err(AttemptError::Sent { source }),
             }
             tracing::debug!(server = %self.url, error = %source, "pooled connection was dead, trying a fresh one");
+            if let Some(generation) = h2_generation {
+                self.forget_h2(generation);
+            }
             stale += 1;
         }
     }

@@ -83,7 +83,8 @@ pub struct ServerStatus {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
-    /// No server can take requests (every server has weight 0).
+    /// No server of the service can take requests. [`Service::new`] refuses the configurations where
+    /// this could happen (no servers, every weight 0), so a running proxy should never see it.
     #[error("no upstream server can take requests")]
     NoHealthyServer,
     /// The last attempt could not connect (TCP, TLS, or the HTTP/2 handshake).
