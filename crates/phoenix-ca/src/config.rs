@@ -75,9 +75,52 @@ pub struct AcmeConfig {
     /// Require External Account Binding (RFC 8555 7.3.4) for new accounts.
     #[serde(default)]
     pub require_eab: bool,
-    /// Name -> address used for validation instead of DNS.
+    /// Name -> address used for validation instead of DNS: `"10.0.0.5"`, or `"10.0.0.5:8443"` when the
+    /// name's TLS listener (where tls-alpn-01 is answered) is not on `tlsalpn01_port`.
     #[serde(default)]
-    pub resolve: BTreeMap<String, IpAddr>,
+    pub resolve: BTreeMap<String, ValidationTarget>,
+}
+
+/// Where the validator reaches a name: an address, and optionally the port of the name's own TLS
+/// listener. `phoenix up` and a CA running from the whole topology file fill these in from the
+/// gateway's and the mesh's listen addresses, so the internal flow needs no DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidationTarget {
+    pub ip: IpAddr,
+    /// Port for tls-alpn-01; `None` means `tlsalpn01_port`. http-01 always uses `http01_port`.
+    pub tls_port: Option<u16>,
+}
+
+impl From<IpAddr> for ValidationTarget {
+    fn from(ip: IpAddr) -> Self {
+        ValidationTarget { ip, tls_port: None }
+    }
+}
+
+impl From<std::net::SocketAddr> for ValidationTarget {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        ValidationTarget { ip: addr.ip(), tls_port: Some(addr.port()) }
+    }
+}
+
+impl std::str::FromStr for ValidationTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(ip.into());
+        }
+        s.parse::<std::net::SocketAddr>()
+            .map(Into::into)
+            .map_err(|_| format!("{s:?} is neither an IP address nor IP:PORT"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ValidationTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for AcmeConfig {
@@ -149,11 +192,13 @@ impl CaConfig {
                 problems.push(format!("ca.names: {n} is outside ca.domains; the CA's own certificate could not chain through its name-constrained intermediate"));
             }
         }
-        if self.leaf_lifetime < Duration::from_secs(300)
+        // Lifetimes down to seconds are allowed: short-lived leaves are how renewal is exercised, and
+        // the roles renew at two thirds of the lifetime.
+        if self.leaf_lifetime < Duration::from_secs(10)
             || self.leaf_lifetime > Duration::from_secs(398 * 86400)
         {
             problems.push(format!(
-                "ca.leaf_lifetime = {} is out of range: use between 5m and 398d",
+                "ca.leaf_lifetime = {} is out of range: use between 10s and 398d",
                 humantime::format_duration(self.leaf_lifetime)
             ));
         }

@@ -13,6 +13,9 @@
 //!
 //! State lives in `data_dir` (0700): keys (0600), certificates and `ca.redb`. Every ACME state
 //! change is one redb transaction, so a restart or `kill -9` mid-flow loses nothing.
+//! X.509 work (CA material, CSR checks, leaves, CRL) and JWS verification come from
+//! `phoenix-pki`; this crate is the service around them: store, ACME protocol, validation,
+//! HTTPS.
 #![forbid(unsafe_code)]
 
 mod acme;
@@ -37,7 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 
-pub use config::{AcmeConfig, CaConfig};
+pub use config::{AcmeConfig, CaConfig, ValidationTarget};
 pub use error::CaError;
 
 use crate::acme::AcmeState;

@@ -55,8 +55,8 @@ impl Validator {
                 .map_err(|_| Problem::malformed("bad IP identifier"))?;
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        if let Some(ip) = self.cfg.resolve.get(&id.value) {
-            return Ok(vec![SocketAddr::new(*ip, port)]);
+        if let Some(target) = self.cfg.resolve.get(&id.value) {
+            return Ok(vec![SocketAddr::new(target.ip, port)]);
         }
         let addrs: Vec<SocketAddr> = timeout(
             CONNECT_TIMEOUT,
@@ -214,7 +214,13 @@ impl Validator {
         };
         let server_name = ServerName::try_from(sni.clone())
             .map_err(|_| Problem::malformed(format!("{sni} is not a valid SNI name")))?;
-        let stream = self.connect(id, self.cfg.tlsalpn01_port).await?;
+        let port = self
+            .cfg
+            .resolve
+            .get(&id.value)
+            .and_then(|t| t.tls_port)
+            .unwrap_or(self.cfg.tlsalpn01_port);
+        let stream = self.connect(id, port).await?;
         let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
         let tls = timeout(EXCHANGE_TIMEOUT, connector.connect(server_name, stream))
             .await

@@ -386,6 +386,7 @@ mod tests {
                 internal_roots: None,
                 connect_timeout: Duration::from_secs(1),
                 default_timeout: Duration::from_secs(5),
+                client_cert: None,
             },
             previous,
         }

@@ -155,6 +155,7 @@ fn build_ctx<'a>(nets: &'a [ipnet::IpNet], previous: Option<&'a RouteTable>) -> 
             internal_roots: None,
             connect_timeout: Duration::from_secs(2),
             default_timeout: Duration::from_secs(10),
+            client_cert: None,
         },
         previous,
     }

@@ -246,6 +246,7 @@ fn ctx() -> UpstreamContext {
         internal_roots: None,
         connect_timeout: Duration::from_secs(2),
         default_timeout: Duration::from_secs(10),
+        client_cert: None,
     }
 }
 

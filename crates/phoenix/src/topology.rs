@@ -172,6 +172,7 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 /// The parsed document, kept to turn places and byte spans into lines and columns.
+#[derive(Debug)]
 pub struct SourceMap {
     file: PathBuf,
     src: String,

@@ -58,6 +58,9 @@ pub struct UpstreamContext {
     pub connect_timeout: Duration,
     /// Time to response headers when the service sets no `timeout`.
     pub default_timeout: Duration,
+    /// Client certificate presented to `https://` servers that ask for one (the gateway's mTLS to the
+    /// mesh); chosen at each handshake so renewed certificates are used without a reload.
+    pub client_cert: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
 }
 
 /// A response from an upstream server.
@@ -510,8 +513,8 @@ fn tls_connectors(
         }
     };
     Some((
-        TlsConnector::from(tls::client_config(roots.clone(), H2, None)),
-        TlsConnector::from(tls::client_config(roots, H1, None)),
+        TlsConnector::from(tls::client_config_with_identity(roots.clone(), H2, ctx.client_cert.clone())),
+        TlsConnector::from(tls::client_config_with_identity(roots, H1, ctx.client_cert.clone())),
     ))
 }
 
@@ -525,6 +528,7 @@ mod tests {
             internal_roots: None,
             connect_timeout: Duration::from_secs(1),
             default_timeout: Duration::from_secs(5),
+            client_cert: None,
         }
     }
 
