@@ -24,9 +24,15 @@ pub async fn watch(
 ) -> anyhow::Result<()> {
     let wanted: HashSet<PathBuf> = paths.iter().map(|p| absolute(p)).collect();
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
+    let filter = wanted.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading a file (as the reload itself does) raises access events: only changes count.
         if let Ok(event) = event {
-            for path in event.paths {
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            // Other files in the same directories (a log file, say) must not hold the debounce open.
+            for path in event.paths.into_iter().filter(|p| filter.contains(p)) {
                 let _ = tx.send(path);
             }
         }
@@ -41,24 +47,18 @@ pub async fn watch(
             _ = shutdown.cancelled() => return Ok(()),
             p = rx.recv() => match p { Some(p) => p, None => return Ok(()) },
         };
-        let mut changed = HashSet::new();
-        let mut note = |p: PathBuf| {
-            if wanted.contains(&p) {
-                changed.insert(p);
-            }
-        };
-        note(first);
+        let mut changed = HashSet::from([first]);
         // Collect the rest of the burst.
         loop {
             match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                Ok(Some(p)) => note(p),
+                Ok(Some(p)) => {
+                    changed.insert(p);
+                }
                 Ok(None) => return Ok(()),
                 Err(_) => break,
             }
         }
-        if !changed.is_empty() {
-            on_change(&changed);
-        }
+        on_change(&changed);
     }
 }
 
