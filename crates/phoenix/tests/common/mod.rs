@@ -102,6 +102,7 @@ pub struct TestCa {
 
 impl TestCa {
     pub fn init(dir: &Path, domain: &str) -> TestCa {
+        std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("ca.toml");
         std::fs::write(
             &config,
