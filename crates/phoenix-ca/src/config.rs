@@ -99,7 +99,10 @@ impl From<IpAddr> for ValidationTarget {
 
 impl From<std::net::SocketAddr> for ValidationTarget {
     fn from(addr: std::net::SocketAddr) -> Self {
-        ValidationTarget { ip: addr.ip(), tls_port: Some(addr.port()) }
+        ValidationTarget {
+            ip: addr.ip(),
+            tls_port: Some(addr.port()),
+        }
     }
 }
 

@@ -3,18 +3,18 @@
 //! health checks, and the streaming forwarder that ties them together.
 #![forbid(unsafe_code)]
 
-pub mod config;
+pub mod admin;
 pub mod body;
-pub mod tls;
-pub mod rule;
-pub mod router;
-pub mod redirect;
-pub mod upstream;
+pub mod config;
 pub mod forward;
 pub mod metrics;
-pub mod admin;
-pub mod whoami;
 pub mod middleware;
-pub mod table;
 pub mod proxy;
+pub mod redirect;
+pub mod router;
+pub mod rule;
 pub mod server;
+pub mod table;
+pub mod tls;
+pub mod upstream;
+pub mod whoami;

@@ -33,7 +33,11 @@ pub struct RedirectSettings {
 }
 
 /// Serves until `shutdown`, then lets open connections finish their current request.
-pub async fn serve(listener: TcpListener, settings: RedirectSettings, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    settings: RedirectSettings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let settings = Arc::new(settings);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -56,7 +60,9 @@ pub async fn serve(listener: TcpListener, settings: RedirectSettings, shutdown: 
             async move { Ok::<_, Infallible>(answer(&req, &settings, peer)) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(
@@ -72,10 +78,18 @@ pub async fn serve(listener: TcpListener, settings: RedirectSettings, shutdown: 
     Ok(())
 }
 
-fn answer(req: &Request<Incoming>, settings: &RedirectSettings, peer: SocketAddr) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    settings: &RedirectSettings,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if let Some(token) = path.strip_prefix(CHALLENGE_PREFIX) {
-        if let Some(key_auth) = settings.challenges.as_ref().and_then(|lookup| lookup(token)) {
+        if let Some(key_auth) = settings
+            .challenges
+            .as_ref()
+            .and_then(|lookup| lookup(token))
+        {
             tracing::info!(%peer, token, "answered ACME http-01 challenge");
             return Response::builder()
                 .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -111,17 +125,23 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     let host = strip_port(raw);
     let ok = !host.is_empty()
         && host.len() <= 253
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
     ok.then_some(host)
 }
 
 /// `example.test:8080` -> `example.test`, `[::1]:8080` -> `[::1]`; a bare IPv6 literal has no port.
 fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {
-        return authority.find(']').map_or(authority, |end| &authority[..=end]);
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
     }
     match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host
+        }
         _ => authority,
     }
 }

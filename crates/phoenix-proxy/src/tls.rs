@@ -85,7 +85,8 @@ pub fn client_config(
     alpn: &[&[u8]],
     client_cert: Option<Arc<CertifiedKey>>,
 ) -> Arc<rustls::ClientConfig> {
-    let identity = client_cert.map(|key| Arc::new(FixedClientCert(key)) as Arc<dyn ResolvesClientCert>);
+    let identity =
+        client_cert.map(|key| Arc::new(FixedClientCert(key)) as Arc<dyn ResolvesClientCert>);
     client_config_with_identity(roots, alpn, identity)
 }
 

@@ -29,17 +29,27 @@ pub struct CaLink<'a> {
 }
 
 /// Chooses the trust source; a problem says what to add when there is none.
-pub fn trust_source(topo: &Topology, link: &CaLink<'_>, cli_fingerprint: Option<&str>) -> Result<TrustSource, Problem> {
+pub fn trust_source(
+    topo: &Topology,
+    link: &CaLink<'_>,
+    cli_fingerprint: Option<&str>,
+) -> Result<TrustSource, Problem> {
     if let Some(root) = link.ca_root {
         return Ok(TrustSource::RootFile(root.to_owned()));
     }
     let fingerprint = link.ca_fingerprint.or(cli_fingerprint);
     if let Some(fingerprint) = fingerprint {
         let Some(ca_url) = ca_url(topo, link) else {
-            return Err(Problem::new(format!("{}.ca_url", link.section), "a CA fingerprint is given but no `ca_url`")
-                .with_hint("set `ca_url` to the CA's address, e.g. \"https://10.0.0.10:9000\""));
+            return Err(Problem::new(
+                format!("{}.ca_url", link.section),
+                "a CA fingerprint is given but no `ca_url`",
+            )
+            .with_hint("set `ca_url` to the CA's address, e.g. \"https://10.0.0.10:9000\""));
         };
-        return Ok(TrustSource::Fingerprint { ca_url, fingerprint: fingerprint.to_owned() });
+        return Ok(TrustSource::Fingerprint {
+            ca_url,
+            fingerprint: fingerprint.to_owned(),
+        });
     }
     if let Some(ca) = &topo.ca {
         let root = ca.data_dir.join("root.pem");
@@ -59,7 +69,10 @@ pub fn trust_source(topo: &Topology, link: &CaLink<'_>, cli_fingerprint: Option<
 
 /// Establishes trust, keeping a copy of a fetched root in the role's state directory: a role restarted
 /// while the CA is down still knows its root, since the copy is checked against the same fingerprint.
-pub async fn establish_trust(source: &TrustSource, state_dir: &Path) -> anyhow::Result<TrustBundle> {
+pub async fn establish_trust(
+    source: &TrustSource,
+    state_dir: &Path,
+) -> anyhow::Result<TrustBundle> {
     let cache = state_dir.join("ca-root.pem");
     match phoenix_certs::bootstrap_trust(source).await {
         Ok(bundle) => {
@@ -96,9 +109,15 @@ fn write_cache(path: &Path, pem: &str) -> std::io::Result<()> {
 
 /// The CA's URL: the section's `ca_url`, or the `[ca]` of the same file.
 pub fn ca_url(topo: &Topology, link: &CaLink<'_>) -> Option<String> {
-    link.ca_url.map(|u| u.trim_end_matches('/').to_owned()).or_else(|| {
-        topo.ca.as_ref().map(|ca| ca.url.clone().unwrap_or_else(|| format!("https://{}", ca.listen)))
-    })
+    link.ca_url
+        .map(|u| u.trim_end_matches('/').to_owned())
+        .or_else(|| {
+            topo.ca.as_ref().map(|ca| {
+                ca.url
+                    .clone()
+                    .unwrap_or_else(|| format!("https://{}", ca.listen))
+            })
+        })
 }
 
 /// Where a role keeps its certificate, key and ACME account: `$PHOENIX_HOME/<role>`, by default
@@ -123,7 +142,10 @@ impl RoleCert {
         let key = tls::load_certified_key(cert, key)
             .map_err(|e| anyhow::anyhow!("loading the certificate {}: {e}", cert.display()))?;
         resolver.set_default(key);
-        Ok(RoleCert { resolver, manager: None })
+        Ok(RoleCert {
+            resolver,
+            manager: None,
+        })
     }
 
     /// A certificate from the CA over ACME. A valid certificate already on disk is served at once, so
@@ -139,14 +161,27 @@ impl RoleCert {
     ) -> anyhow::Result<RoleCert> {
         let resolver = CertResolver::new();
         let spec = CertSpec { names, ips, dir };
-        let acme = AcmeSettings { directory_url, roots: trust.roots.clone(), eab: None, challenge, contact: Vec::new() };
+        let acme = AcmeSettings {
+            directory_url,
+            roots: trust.roots.clone(),
+            eab: None,
+            challenge,
+            contact: Vec::new(),
+        };
         let manager = Arc::new(CertManager::new(spec, acme, resolver.clone()));
         match manager.load_from_disk() {
-            Ok(Some(state)) => tracing::info!(serial = %state.serial, not_after = %state.not_after, "serving the certificate kept on disk"),
+            Ok(Some(state)) => {
+                tracing::info!(serial = %state.serial, not_after = %state.not_after, "serving the certificate kept on disk")
+            }
             Ok(None) => tracing::info!("no certificate on disk yet: obtaining one from the CA"),
-            Err(e) => tracing::warn!(error = %e, "the certificate on disk is unusable: obtaining a new one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the certificate on disk is unusable: obtaining a new one")
+            }
         }
-        Ok(RoleCert { resolver, manager: Some(manager) })
+        Ok(RoleCert {
+            resolver,
+            manager: Some(manager),
+        })
     }
 
     /// Resolves once a certificate is being served.

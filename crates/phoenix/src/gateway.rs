@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use phoenix_certs::{Challenge, Http01Tokens};
-use phoenix_proxy::config::{HeadersConfig, MiddlewareConfig, Problem, RouteConfig, RoutingConfig, ServerConfig, ServiceConfig};
+use phoenix_proxy::config::{
+    HeadersConfig, MiddlewareConfig, Problem, RouteConfig, RoutingConfig, ServerConfig,
+    ServiceConfig,
+};
 use phoenix_proxy::metrics::Metrics;
 use phoenix_proxy::proxy::{Proxy, ProxySettings};
 use phoenix_proxy::redirect::{self, RedirectSettings};
@@ -40,8 +43,14 @@ pub struct Gateway {
 /// The names on the gateway's certificate: every service hostname, and `gateway.<domain>`, the name the
 /// mesh knows the gateway by when it checks client certificates.
 pub fn certificate_names(topo: &Topology) -> Vec<String> {
-    let Some(domain) = &topo.domain else { return Vec::new() };
-    let mut names: Vec<String> = topo.services.iter().map(|s| format!("{}.{domain}", s.name)).collect();
+    let Some(domain) = &topo.domain else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = topo
+        .services
+        .iter()
+        .map(|s| format!("{}.{domain}", s.name))
+        .collect();
     names.push(client_name(domain));
     names.sort();
     names.dedup();
@@ -68,21 +77,36 @@ fn problems(map: &SourceMap, ps: Vec<Problem>) -> anyhow::Error {
 /// The one-route table that sends everything to the mesh.
 fn routing(topo: &Topology, gw: &GatewayConfig) -> Result<RoutingConfig, Problem> {
     let mesh_name = mesh_name(topo, gw).ok_or_else(|| {
-        Problem::new("gateway.mesh_name", "the gateway does not know the mesh's name")
-            .with_hint("set `mesh_name` (the name on the mesh's certificate) or a top-level `domain`")
+        Problem::new(
+            "gateway.mesh_name",
+            "the gateway does not know the mesh's name",
+        )
+        .with_hint("set `mesh_name` (the name on the mesh's certificate) or a top-level `domain`")
     })?;
     if !gw.mesh.starts_with("https://") {
-        return Err(Problem::new("gateway.mesh", format!("`{}` is not an https:// URL", gw.mesh))
-            .with_hint("the gateway only talks to the mesh over verified TLS: write https://HOST:PORT"));
+        return Err(Problem::new(
+            "gateway.mesh",
+            format!("`{}` is not an https:// URL", gw.mesh),
+        )
+        .with_hint(
+            "the gateway only talks to the mesh over verified TLS: write https://HOST:PORT",
+        ));
     }
     let mut middlewares = BTreeMap::new();
     let mut chain = Vec::new();
     if let Some(max_age) = gw.hsts {
         let mut headers = HeadersConfig::default();
-        headers
-            .response_set
-            .insert("Strict-Transport-Security".into(), format!("max-age={}; includeSubDomains", max_age.as_secs()));
-        middlewares.insert("hsts".to_owned(), MiddlewareConfig { headers: Some(headers), ..Default::default() });
+        headers.response_set.insert(
+            "Strict-Transport-Security".into(),
+            format!("max-age={}; includeSubDomains", max_age.as_secs()),
+        );
+        middlewares.insert(
+            "hsts".to_owned(),
+            MiddlewareConfig {
+                headers: Some(headers),
+                ..Default::default()
+            },
+        );
         chain.push("hsts".to_owned());
     }
     Ok(RoutingConfig {
@@ -111,9 +135,17 @@ fn routing(topo: &Topology, gw: &GatewayConfig) -> Result<RoutingConfig, Problem
 
 impl Gateway {
     /// Checks the configuration, establishes trust and the certificate source; binds nothing.
-    pub async fn prepare(path: &Path, topo: &Topology, map: &SourceMap, cli_fingerprint: Option<&str>) -> anyhow::Result<Gateway> {
+    pub async fn prepare(
+        path: &Path,
+        topo: &Topology,
+        map: &SourceMap,
+        cli_fingerprint: Option<&str>,
+    ) -> anyhow::Result<Gateway> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let gw = topo.gateway.clone().context("the topology has no [gateway] section")?;
+        let gw = topo
+            .gateway
+            .clone()
+            .context("the topology has no [gateway] section")?;
         let routing = routing(topo, &gw).map_err(|p| problems(map, vec![p]))?;
         let link = CaLink {
             section: "gateway",
@@ -121,14 +153,18 @@ impl Gateway {
             ca_fingerprint: gw.ca_fingerprint.as_deref(),
             ca_root: gw.ca_root.as_deref(),
         };
-        let source = certs::trust_source(topo, &link, cli_fingerprint).map_err(|p| problems(map, vec![p]))?;
+        let source = certs::trust_source(topo, &link, cli_fingerprint)
+            .map_err(|p| problems(map, vec![p]))?;
         let trust = certs::establish_trust(&source, &certs::state_dir(base, "gateway")).await?;
 
         if gw.acme_challenge == AcmeChallenge::Http01 && gw.http_listen.is_none() {
             return Err(problems(
                 map,
-                vec![Problem::new("gateway.acme_challenge", "http-01 is answered on the HTTP listener, and there is none")
-                    .with_hint("set `http_listen`, or use the default tls-alpn-01")],
+                vec![Problem::new(
+                    "gateway.acme_challenge",
+                    "http-01 is answered on the HTTP listener, and there is none",
+                )
+                .with_hint("set `http_listen`, or use the default tls-alpn-01")],
             ));
         }
         let http01 = Http01Tokens::new();
@@ -147,8 +183,16 @@ impl Gateway {
                     Some(d) => d.clone(),
                     None => {
                         let url = certs::ca_url(topo, &link).ok_or_else(|| {
-                            problems(map, vec![Problem::new("gateway.ca_url", "no CA to obtain certificates from")
-                                .with_hint("set `ca_url`, `acme_directory`, or `tls_cert` and `tls_key`")])
+                            problems(
+                                map,
+                                vec![Problem::new(
+                                    "gateway.ca_url",
+                                    "no CA to obtain certificates from",
+                                )
+                                .with_hint(
+                                    "set `ca_url`, `acme_directory`, or `tls_cert` and `tls_key`",
+                                )],
+                            )
                         })?;
                         format!("{url}/acme/directory")
                     }
@@ -164,8 +208,10 @@ impl Gateway {
             _ => {
                 return Err(problems(
                     map,
-                    vec![Problem::new("gateway", "`tls_cert` and `tls_key` go together")
-                        .with_hint("give both, or neither to obtain the certificate over ACME")],
+                    vec![
+                        Problem::new("gateway", "`tls_cert` and `tls_key` go together")
+                            .with_hint("give both, or neither to obtain the certificate over ACME"),
+                    ],
                 ))
             }
         };
@@ -192,7 +238,13 @@ impl Gateway {
             role: "gateway",
         };
         let proxy = Proxy::new(settings, table, metrics);
-        Ok(Gateway { cfg: gw, proxy, cert, http01, registry })
+        Ok(Gateway {
+            cfg: gw,
+            proxy,
+            cert,
+            http01,
+            registry,
+        })
     }
 
     /// Resolves once the gateway has a certificate to serve.
@@ -200,12 +252,20 @@ impl Gateway {
         self.cert.ready()
     }
 
-    pub fn listen_addrs(&self) -> (std::net::SocketAddr, Option<std::net::SocketAddr>, std::net::SocketAddr) {
+    pub fn listen_addrs(
+        &self,
+    ) -> (
+        std::net::SocketAddr,
+        Option<std::net::SocketAddr>,
+        std::net::SocketAddr,
+    ) {
         (self.cfg.listen, self.cfg.http_listen, self.admin_addr())
     }
 
     fn admin_addr(&self) -> std::net::SocketAddr {
-        self.cfg.admin_listen.unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid default"))
+        self.cfg
+            .admin_listen
+            .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("valid default"))
     }
 
     /// Serves on already-bound listeners until `shutdown`.
@@ -216,7 +276,13 @@ impl Gateway {
         admin: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let Gateway { cfg, proxy, cert, http01, registry } = self;
+        let Gateway {
+            cfg,
+            proxy,
+            cert,
+            http01,
+            registry,
+        } = self;
         let server_config = phoenix_proxy::tls::server_config(cert.resolver.clone(), None);
         cert.start(&shutdown);
         let mut tasks = tokio::task::JoinSet::new();
@@ -239,10 +305,17 @@ impl Gateway {
                     .collect();
                 serde_json::json!({ "status": "ok", "role": "gateway", "certificates": certs })
             });
-            tasks.spawn(phoenix_proxy::admin::serve(admin, Arc::new(registry), health, shutdown.clone()));
+            tasks.spawn(phoenix_proxy::admin::serve(
+                admin,
+                Arc::new(registry),
+                health,
+                shutdown.clone(),
+            ));
         }
         tracing::info!(listen = %cfg.listen, mesh = %cfg.mesh, mtls = cfg.mtls, "gateway serving");
-        proxy.serve_tls(listener, server_config, shutdown.clone()).await?;
+        proxy
+            .serve_tls(listener, server_config, shutdown.clone())
+            .await?;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         Ok(())
@@ -250,7 +323,13 @@ impl Gateway {
 }
 
 /// `phoenix gateway`: prepare, bind, serve.
-pub async fn run(path: &Path, topo: Topology, map: SourceMap, cli_fingerprint: Option<&str>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    path: &Path,
+    topo: Topology,
+    map: SourceMap,
+    cli_fingerprint: Option<&str>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let gateway = Gateway::prepare(path, &topo, &map, cli_fingerprint).await?;
     let (listen, http, admin) = gateway.listen_addrs();
     let listener = bind(listen, "gateway").await?;
@@ -259,9 +338,13 @@ pub async fn run(path: &Path, topo: Topology, map: SourceMap, cli_fingerprint: O
         None => None,
     };
     let admin = bind(admin, "gateway admin").await?;
-    gateway.serve(listener, http_listener, admin, shutdown).await
+    gateway
+        .serve(listener, http_listener, admin, shutdown)
+        .await
 }
 
 pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener {addr}"))
 }

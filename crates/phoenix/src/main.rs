@@ -23,7 +23,11 @@ use crate::topology::{ConfigErrors, Topology};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "phoenix", version, about = "A secure traffic chain: gateway, mesh and certificate authority in one program")]
+#[command(
+    name = "phoenix",
+    version,
+    about = "A secure traffic chain: gateway, mesh and certificate authority in one program"
+)]
 struct Cli {
     /// Log format: `text` for people, `json` for log collectors.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PHOENIX_LOG_FORMAT")]
@@ -167,7 +171,10 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PHOENIX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -175,25 +182,41 @@ fn init_logging(format: LogFormat) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Ca { command } => run_ca(command),
-        Command::Up { config, trust } => {
-            runtime()?.block_on(async { up::run(config, trust.ca_fingerprint, shutdown_on_signal()).await })
-        }
+        Command::Up { config, trust } => runtime()?
+            .block_on(async { up::run(config, trust.ca_fingerprint, shutdown_on_signal()).await }),
         Command::Gateway { config, trust } => {
             let (topo, map) = topology::load(&config)?;
             runtime()?.block_on(async {
-                gateway::run(&config, topo, map, trust.ca_fingerprint.as_deref(), shutdown_on_signal()).await
+                gateway::run(
+                    &config,
+                    topo,
+                    map,
+                    trust.ca_fingerprint.as_deref(),
+                    shutdown_on_signal(),
+                )
+                .await
             })
         }
         Command::Mesh { config, trust } => {
             let (topo, map) = topology::load(&config)?;
             runtime()?.block_on(async {
-                mesh::run(&config, topo, map, trust.ca_fingerprint.as_deref(), shutdown_on_signal()).await
+                mesh::run(
+                    &config,
+                    topo,
+                    map,
+                    trust.ca_fingerprint.as_deref(),
+                    shutdown_on_signal(),
+                )
+                .await
             })
         }
         Command::Check { config } => check(&config),
@@ -214,7 +237,8 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn ca_config(path: &Path) -> anyhow::Result<phoenix_ca::CaConfig> {
     let (mut topo, _) = topology::load(path)?;
     up::add_validation_targets(&mut topo);
-    topo.ca.with_context(|| format!("{} has no [ca] section", path.display()))
+    topo.ca
+        .with_context(|| format!("{} has no [ca] section", path.display()))
 }
 
 fn run_ca(command: CaCommand) -> anyhow::Result<()> {
@@ -237,17 +261,28 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                     .with_context(|| format!("binding the CA listener {listen}"))?;
                 tracing::info!(%listen, fingerprint = %server.fingerprint(), "CA serving");
                 let shutdown = shutdown_on_signal();
-                server.serve(listener, async move { shutdown.cancelled().await }).await?;
+                server
+                    .serve(listener, async move { shutdown.cancelled().await })
+                    .await?;
                 Ok(())
             })
         }
-        CaCommand::Issue { config, names, ips, out } => {
+        CaCommand::Issue {
+            config,
+            names,
+            ips,
+            out,
+        } => {
             if names.is_empty() && ips.is_empty() {
                 anyhow::bail!("give at least one --name or --ip");
             }
             let cfg = ca_config(&config)?;
             let files = phoenix_ca::issue(&cfg, &names, &ips, &out)?;
-            println!("Issued serial {} valid until {}", files.serial, humantime::format_rfc3339_seconds(files.not_after));
+            println!(
+                "Issued serial {} valid until {}",
+                files.serial,
+                humantime::format_rfc3339_seconds(files.not_after)
+            );
             println!("  certificate chain: {}", files.cert_path.display());
             println!("  private key:       {}", files.key_path.display());
             println!("  root:              {}", files.root_path.display());
@@ -256,7 +291,10 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
         CaCommand::List { config } => {
             let cfg = ca_config(&config)?;
             let records = phoenix_ca::list(&cfg)?;
-            println!("{:<32}  {:<20}  {:<7}  NAMES", "SERIAL", "NOT AFTER", "STATUS");
+            println!(
+                "{:<32}  {:<20}  {:<7}  NAMES",
+                "SERIAL", "NOT AFTER", "STATUS"
+            );
             for r in records {
                 let status = match r.status {
                     phoenix_ca::CertStatus::Valid => "valid",
@@ -265,7 +303,13 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                     _ => "unknown",
                 };
                 let not_after = humantime::format_rfc3339_seconds(r.not_after);
-                println!("{:<32}  {:<20}  {:<7}  {}", r.serial, not_after, status, r.names.join(","));
+                println!(
+                    "{:<32}  {:<20}  {:<7}  {}",
+                    r.serial,
+                    not_after,
+                    status,
+                    r.names.join(",")
+                );
             }
             Ok(())
         }
@@ -275,7 +319,9 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             println!("Revoked {serial}");
             Ok(())
         }
-        CaCommand::Eab { command: EabCommand::New { config } } => {
+        CaCommand::Eab {
+            command: EabCommand::New { config },
+        } => {
             let cfg = ca_config(&config)?;
             let (kid, hmac) = phoenix_ca::eab_new(&cfg)?;
             println!("Key ID:   {kid}");

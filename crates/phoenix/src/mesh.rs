@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use phoenix_certs::Challenge;
 use phoenix_proxy::config::{MeshConfig, Problem};
 use phoenix_proxy::metrics::Metrics;
 use phoenix_proxy::proxy::{Proxy, ProxySettings};
 use phoenix_proxy::table::{BuildContext, RouteTable};
-use phoenix_certs::Challenge;
 use phoenix_proxy::tls;
 use phoenix_proxy::upstream::{Service, UpstreamContext};
 use prometheus_client::registry::Registry;
@@ -31,7 +31,8 @@ pub fn build_table(
     previous: Option<&RouteTable>,
 ) -> Result<RouteTable, Vec<Problem>> {
     let Some(mesh) = &topo.mesh else {
-        return Err(vec![Problem::new("mesh", "no [mesh] section").with_hint("add a [mesh] section with `listen`")]);
+        return Err(vec![Problem::new("mesh", "no [mesh] section")
+            .with_hint("add a [mesh] section with `listen`")]);
     };
     let roots = match roots {
         Some(r) => Some(r),
@@ -53,10 +54,17 @@ pub fn build_table(
 pub fn internal_roots(mesh: &MeshConfig) -> Result<Option<Arc<rustls::RootCertStore>>, Problem> {
     match &mesh.ca_root {
         None => Ok(None),
-        Some(path) => tls::load_roots(path).map(|r| Some(Arc::new(r))).map_err(|e| {
-            Problem::new("mesh.ca_root", format!("cannot load {}: {e}", path.display()))
-                .with_hint("give the PEM file of the internal root (root.pem from `phoenix ca init`)")
-        }),
+        Some(path) => tls::load_roots(path)
+            .map(|r| Some(Arc::new(r)))
+            .map_err(|e| {
+                Problem::new(
+                    "mesh.ca_root",
+                    format!("cannot load {}: {e}", path.display()),
+                )
+                .with_hint(
+                    "give the PEM file of the internal root (root.pem from `phoenix ca init`)",
+                )
+            }),
     }
 }
 
@@ -78,15 +86,27 @@ pub struct Mesh {
 /// The mesh's own name: `name`, else `mesh.<domain>`.
 pub fn mesh_name(topo: &Topology) -> Option<String> {
     let mesh = topo.mesh.as_ref()?;
-    mesh.name.clone().or_else(|| topo.domain.as_ref().map(|d| format!("mesh.{d}")))
+    mesh.name
+        .clone()
+        .or_else(|| topo.domain.as_ref().map(|d| format!("mesh.{d}")))
 }
 
 impl Mesh {
     /// Checks the configuration, establishes trust and the certificate source; binds nothing.
-    pub async fn prepare(path: &Path, topo: &Topology, map: &SourceMap, cli_fingerprint: Option<&str>) -> anyhow::Result<Mesh> {
+    pub async fn prepare(
+        path: &Path,
+        topo: &Topology,
+        map: &SourceMap,
+        cli_fingerprint: Option<&str>,
+    ) -> anyhow::Result<Mesh> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let located = |ps: Vec<Problem>| -> anyhow::Error { ConfigErrors(ps.into_iter().map(|p| map.locate(p)).collect()).into() };
-        let mesh = topo.mesh.clone().context("the topology has no [mesh] section")?;
+        let located = |ps: Vec<Problem>| -> anyhow::Error {
+            ConfigErrors(ps.into_iter().map(|p| map.locate(p)).collect()).into()
+        };
+        let mesh = topo
+            .mesh
+            .clone()
+            .context("the topology has no [mesh] section")?;
         let link = CaLink {
             section: "mesh",
             ca_url: mesh.ca_url.as_deref(),
@@ -97,7 +117,8 @@ impl Mesh {
         // mTLS need none.
         let needs_trust = mesh.tls_cert.is_none() || mesh.require_client_cert;
         let trust = if needs_trust {
-            let source = certs::trust_source(topo, &link, cli_fingerprint).map_err(|p| located(vec![p]))?;
+            let source =
+                certs::trust_source(topo, &link, cli_fingerprint).map_err(|p| located(vec![p]))?;
             Some(certs::establish_trust(&source, &certs::state_dir(base, "mesh")).await?)
         } else {
             None
@@ -106,25 +127,49 @@ impl Mesh {
             (Some(c), Some(k), _) => (RoleCert::from_files(c, k)?, Some((c.clone(), k.clone()))),
             (None, None, Some(trust)) => {
                 let name = mesh_name(topo).ok_or_else(|| {
-                    located(vec![Problem::new("mesh.name", "the mesh has no name to get a certificate for")
-                        .with_hint("set `name` (e.g. \"mesh.internal.example\") or a top-level `domain`")])
+                    located(vec![Problem::new(
+                        "mesh.name",
+                        "the mesh has no name to get a certificate for",
+                    )
+                    .with_hint(
+                        "set `name` (e.g. \"mesh.internal.example\") or a top-level `domain`",
+                    )])
                 })?;
                 let url = certs::ca_url(topo, &link).ok_or_else(|| {
-                    located(vec![Problem::new("mesh.ca_url", "no CA to obtain the mesh's certificate from")
-                        .with_hint("set `ca_url`, or `tls_cert` and `tls_key`")])
+                    located(vec![Problem::new(
+                        "mesh.ca_url",
+                        "no CA to obtain the mesh's certificate from",
+                    )
+                    .with_hint("set `ca_url`, or `tls_cert` and `tls_key`")])
                 })?;
                 let dir = certs::state_dir(base, "mesh");
-                let cert = RoleCert::acme(vec![name], Vec::new(), dir, format!("{url}/acme/directory"), trust, Challenge::TlsAlpn01)?;
+                let cert = RoleCert::acme(
+                    vec![name],
+                    Vec::new(),
+                    dir,
+                    format!("{url}/acme/directory"),
+                    trust,
+                    Challenge::TlsAlpn01,
+                )?;
                 (cert, None)
             }
             _ => {
-                return Err(located(vec![Problem::new("mesh", "`tls_cert` and `tls_key` go together")
-                    .with_hint("give both, or neither to obtain the certificate from the CA over ACME")]))
+                return Err(located(vec![Problem::new(
+                    "mesh",
+                    "`tls_cert` and `tls_key` go together",
+                )
+                .with_hint(
+                    "give both, or neither to obtain the certificate from the CA over ACME",
+                )]))
             }
         };
         let roots = trust.as_ref().map(|t| t.roots.clone());
         let table = build_table(topo, roots.clone(), None).map_err(located)?;
-        let client_roots = if mesh.require_client_cert { trust.as_ref().map(|t| t.roots.clone()) } else { None };
+        let client_roots = if mesh.require_client_cert {
+            trust.as_ref().map(|t| t.roots.clone())
+        } else {
+            None
+        };
         let mut allowed = mesh.allowed_clients.clone();
         if mesh.require_client_cert && allowed.is_empty() && topo.gateway.is_some() {
             // The same file describes the gateway: only it may connect.
@@ -142,7 +187,17 @@ impl Mesh {
             role: "mesh",
         };
         let proxy = Proxy::new(settings, table, metrics);
-        Ok(Mesh { cfg: mesh, path: path.to_owned(), proxy, cert, roots, client_roots, cert_files, registry, reload: true })
+        Ok(Mesh {
+            cfg: mesh,
+            path: path.to_owned(),
+            proxy,
+            cert,
+            roots,
+            client_roots,
+            cert_files,
+            registry,
+            reload: true,
+        })
     }
 
     /// Serves the configuration it was prepared with, without watching a file.
@@ -156,18 +211,41 @@ impl Mesh {
     }
 
     /// Serves on already-bound listeners until `shutdown`; watches the file for changes.
-    pub async fn serve(self, listener: TcpListener, admin: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Mesh { cfg, path, proxy, cert, roots, client_roots, cert_files, registry, reload } = self;
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        admin: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Mesh {
+            cfg,
+            path,
+            proxy,
+            cert,
+            roots,
+            client_roots,
+            cert_files,
+            registry,
+            reload,
+        } = self;
         let server_config = tls::server_config(cert.resolver.clone(), client_roots);
         cert.start(&shutdown);
         let health = Arc::new(std::sync::Mutex::new(HealthTasks::default()));
-        health.lock().expect("health lock").sync(&proxy.table(), &shutdown);
+        health
+            .lock()
+            .expect("health lock")
+            .sync(&proxy.table(), &shutdown);
         tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, "mesh serving");
 
         let admin_task = {
             let proxy = proxy.clone();
             let health_json = Arc::new(move || health_report(&proxy.table()));
-            tokio::spawn(phoenix_proxy::admin::serve(admin, Arc::new(registry), health_json, shutdown.clone()))
+            tokio::spawn(phoenix_proxy::admin::serve(
+                admin,
+                Arc::new(registry),
+                health_json,
+                shutdown.clone(),
+            ))
         };
         let watch_task = {
             let proxy = proxy.clone();
@@ -207,7 +285,9 @@ impl Mesh {
             })
         };
 
-        proxy.serve_tls(listener, server_config, shutdown.clone()).await?;
+        proxy
+            .serve_tls(listener, server_config, shutdown.clone())
+            .await?;
         shutdown.cancel();
         let _ = watch_task.await;
         let _ = admin_task.await;
@@ -216,7 +296,13 @@ impl Mesh {
 }
 
 /// `phoenix mesh`: prepare, bind, serve.
-pub async fn run(path: &Path, topo: Topology, map: SourceMap, cli_fingerprint: Option<&str>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    path: &Path,
+    topo: Topology,
+    map: SourceMap,
+    cli_fingerprint: Option<&str>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mesh = Mesh::prepare(path, &topo, &map, cli_fingerprint).await?;
     let (listen, admin) = mesh.listen_addrs();
     let listener = crate::gateway::bind(listen, "mesh").await?;
@@ -240,7 +326,10 @@ fn reload_routes(
     match result {
         Ok(table) => {
             proxy.reload(table);
-            health.lock().expect("health lock").sync(&proxy.table(), shutdown);
+            health
+                .lock()
+                .expect("health lock")
+                .sync(&proxy.table(), shutdown);
             tracing::info!(config = %path.display(), "configuration reloaded");
         }
         Err(errors) => {

@@ -37,8 +37,10 @@ pub async fn watch(
             }
         }
     })?;
-    let dirs: HashSet<PathBuf> =
-        wanted.iter().filter_map(|p| p.parent().map(Path::to_path_buf)).collect();
+    let dirs: HashSet<PathBuf> = wanted
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
     for dir in &dirs {
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use phoenix_ca::CaConfig;
 use phoenix_proxy::config::{
-    ListenerLimits, MeshConfig, MiddlewareConfig, Problem, RouteConfig, RoutingConfig, ServiceConfig,
+    ListenerLimits, MeshConfig, MiddlewareConfig, Problem, RouteConfig, RoutingConfig,
+    ServiceConfig,
 };
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use serde::Deserialize;
@@ -161,7 +162,11 @@ pub struct ConfigErrors(pub Vec<Located>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        writeln!(f, "{n} problem{} in the configuration:", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.0 {
             writeln!(f, "  {p}")?;
         }
@@ -188,7 +193,11 @@ impl SourceMap {
     }
 
     fn at_span(&self, span: Option<Range<usize>>, problem: Problem) -> Located {
-        Located { file: self.file.clone(), position: span.map(|s| self.position(s.start)), problem }
+        Located {
+            file: self.file.clone(),
+            position: span.map(|s| self.position(s.start)),
+            problem,
+        }
     }
 
     /// Resolves a place such as `route[2].rule`, `service "app".servers[0]`, `middleware.strip-v1` or
@@ -238,7 +247,10 @@ impl SourceMap {
         place: &str,
         best: Option<Range<usize>>,
     ) -> Option<Range<usize>> {
-        let rest = place.split_once('"').and_then(|(_, r)| r.split_once('"')).map(|(_, r)| r);
+        let rest = place
+            .split_once('"')
+            .and_then(|(_, r)| r.split_once('"'))
+            .map(|(_, r)| r);
         let mut best = best;
         let mut current: Option<&Item> = None;
         for segment in PlaceSegments::new(rest.unwrap_or("")) {
@@ -311,7 +323,15 @@ impl<'a> Iterator for PlaceSegments<'a> {
     }
 }
 
-const TOP_LEVEL_KEYS: &[&str] = &["domain", "ca", "gateway", "mesh", "service", "route", "middleware"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "domain",
+    "ca",
+    "gateway",
+    "mesh",
+    "service",
+    "route",
+    "middleware",
+];
 
 /// Reads and checks a topology file; returns the topology and its source map, or every problem.
 pub fn load(path: &Path) -> Result<(Topology, SourceMap), ConfigErrors> {
@@ -333,25 +353,38 @@ pub fn parse(file: &Path, src: String) -> Result<(Topology, SourceMap), ConfigEr
     let doc = match Document::parse(src.clone()) {
         Ok(doc) => doc,
         Err(e) => {
-            let map = SourceMap { file: file.to_owned(), src, doc: Document::parse(String::new()).expect("empty") };
+            let map = SourceMap {
+                file: file.to_owned(),
+                src,
+                doc: Document::parse(String::new()).expect("empty"),
+            };
             let problem = Problem::new("syntax", e.message().trim().to_owned())
                 .with_hint("the file must be valid TOML");
             return Err(ConfigErrors(vec![map.at_span(e.span(), problem)]));
         }
     };
-    let map = SourceMap { file: file.to_owned(), src, doc };
+    let map = SourceMap {
+        file: file.to_owned(),
+        src,
+        doc,
+    };
     let mut problems = Vec::new();
     let mut topo = Topology::default();
     let root = map.doc.as_table();
 
     for (key, item) in root.iter() {
         if !TOP_LEVEL_KEYS.contains(&key) {
-            let span = root.key(key).and_then(|k| k.span()).or_else(|| item_span(item));
-            problems.push(map.at_span(
-                span,
-                Problem::new(key, format!("unknown section `{key}`"))
-                    .with_hint(format!("known sections: {}", TOP_LEVEL_KEYS.join(", "))),
-            ));
+            let span = root
+                .key(key)
+                .and_then(|k| k.span())
+                .or_else(|| item_span(item));
+            problems.push(
+                map.at_span(
+                    span,
+                    Problem::new(key, format!("unknown section `{key}`"))
+                        .with_hint(format!("known sections: {}", TOP_LEVEL_KEYS.join(", "))),
+                ),
+            );
         }
     }
 
@@ -360,7 +393,10 @@ pub fn parse(file: &Path, src: String) -> Result<(Topology, SourceMap), ConfigEr
     topo.gateway = section(&map, "gateway", root.get("gateway"), &mut problems);
     topo.mesh = section(&map, "mesh", root.get("mesh"), &mut problems);
 
-    for (name, list) in [("service", &mut topo.services as &mut dyn PushSection), ("route", &mut topo.routes)] {
+    for (name, list) in [
+        ("service", &mut topo.services as &mut dyn PushSection),
+        ("route", &mut topo.routes),
+    ] {
         match root.get(name) {
             None => {}
             Some(Item::ArrayOfTables(arr)) => {
@@ -369,11 +405,13 @@ pub fn parse(file: &Path, src: String) -> Result<(Topology, SourceMap), ConfigEr
                     list.push_from(&map, &format!("{name}[{i}]"), &item, &mut problems);
                 }
             }
-            Some(other) => problems.push(map.at_span(
-                item_span(other),
-                Problem::new(name, format!("`{name}` must be a list of tables"))
-                    .with_hint(format!("write each entry as [[{name}]]")),
-            )),
+            Some(other) => problems.push(
+                map.at_span(
+                    item_span(other),
+                    Problem::new(name, format!("`{name}` must be a list of tables"))
+                        .with_hint(format!("write each entry as [[{name}]]")),
+                ),
+            ),
         }
     }
 
@@ -383,16 +421,23 @@ pub fn parse(file: &Path, src: String) -> Result<(Topology, SourceMap), ConfigEr
             let table = item.as_table_like().expect("checked");
             for (name, mw) in table.iter() {
                 let place = format!("middleware.{name}");
-                if let Some(cfg) = section::<MiddlewareConfig>(&map, &place, Some(mw), &mut problems) {
+                if let Some(cfg) =
+                    section::<MiddlewareConfig>(&map, &place, Some(mw), &mut problems)
+                {
                     topo.middlewares.insert(name.to_owned(), cfg);
                 }
             }
         }
-        Some(other) => problems.push(map.at_span(
-            item_span(other),
-            Problem::new("middleware", "`middleware` must be a table of named middlewares")
+        Some(other) => problems.push(
+            map.at_span(
+                item_span(other),
+                Problem::new(
+                    "middleware",
+                    "`middleware` must be a table of named middlewares",
+                )
                 .with_hint("write [middleware.NAME] sections"),
-        )),
+            ),
+        ),
     }
 
     if let Some(ca) = &topo.ca {
@@ -413,7 +458,13 @@ trait PushSection {
 }
 
 impl<T: DeserializeOwned> PushSection for Vec<T> {
-    fn push_from(&mut self, map: &SourceMap, place: &str, item: &Item, problems: &mut Vec<Located>) {
+    fn push_from(
+        &mut self,
+        map: &SourceMap,
+        place: &str,
+        item: &Item,
+        problems: &mut Vec<Located>,
+    ) {
         if let Some(v) = section(map, place, Some(item), problems) {
             self.push(v);
         }
@@ -503,7 +554,10 @@ strip_prefix = ["/v1"]
             std::time::Duration::from_secs(1)
         );
         assert_eq!(t.routes[0].middlewares, vec!["strip-v1"]);
-        assert_eq!(t.middlewares["strip-v1"].strip_prefix.as_deref(), Some(&["/v1".to_owned()][..]));
+        assert_eq!(
+            t.middlewares["strip-v1"].strip_prefix.as_deref(),
+            Some(&["/v1".to_owned()][..])
+        );
     }
 
     #[test]
@@ -512,10 +566,25 @@ strip_prefix = ["/v1"]
         let errs = parse_str(src).unwrap_err().0;
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert_eq!(errs.len(), 4, "{text:#?}");
-        assert!(text[0].starts_with("t.toml:2:1:") && text[0].contains("bogus"), "{text:#?}");
-        assert!(text.iter().any(|t| t.starts_with("t.toml:4:") && t.contains("mesh")), "{text:#?}");
-        assert!(text.iter().any(|t| t.starts_with("t.toml:8:") && t.contains("helth")), "{text:#?}");
-        assert!(text.iter().any(|t| t.contains("route[0]") && t.contains("rule")), "{text:#?}");
+        assert!(
+            text[0].starts_with("t.toml:2:1:") && text[0].contains("bogus"),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("t.toml:4:") && t.contains("mesh")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("t.toml:8:") && t.contains("helth")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("route[0]") && t.contains("rule")),
+            "{text:#?}"
+        );
     }
 
     #[test]

@@ -52,11 +52,15 @@ const WHOAMI: &str = "127.0.0.1:8000";
 
 /// `$PHOENIX_HOME`, or `./.phoenix`.
 pub fn phoenix_home() -> PathBuf {
-    std::env::var_os("PHOENIX_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".phoenix"))
+    std::env::var_os("PHOENIX_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".phoenix"))
 }
 
 /// Loads the given file, or the embedded default with its state under [`phoenix_home`].
-pub fn load(config: Option<&Path>) -> anyhow::Result<(PathBuf, Topology, topology::SourceMap, bool)> {
+pub fn load(
+    config: Option<&Path>,
+) -> anyhow::Result<(PathBuf, Topology, topology::SourceMap, bool)> {
     match config {
         Some(path) => {
             let (topo, map) = topology::load(path)?;
@@ -64,12 +68,14 @@ pub fn load(config: Option<&Path>) -> anyhow::Result<(PathBuf, Topology, topolog
         }
         None => {
             let home = phoenix_home();
-            std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+            std::fs::create_dir_all(&home)
+                .with_context(|| format!("creating {}", home.display()))?;
             let home = std::path::absolute(&home)?;
             // The embedded file's relative paths land in the home directory; roles keep their state
             // in `<home>/<role>` as they do for a file in the working directory.
             let path = std::path::absolute("phoenix.toml")?;
-            let (mut topo, map) = topology::parse(Path::new("<embedded default>"), EMBEDDED.to_owned())?;
+            let (mut topo, map) =
+                topology::parse(Path::new("<embedded default>"), EMBEDDED.to_owned())?;
             topo.resolve_paths(&home);
             Ok((path, topo, map, true))
         }
@@ -81,7 +87,11 @@ pub fn load(config: Option<&Path>) -> anyhow::Result<(PathBuf, Topology, topolog
 pub fn add_validation_targets(topo: &mut Topology) {
     let mut targets = Vec::new();
     if let Some(gw) = &topo.gateway {
-        targets.extend(gateway::certificate_names(topo).into_iter().map(|n| (n, gw.listen)));
+        targets.extend(
+            gateway::certificate_names(topo)
+                .into_iter()
+                .map(|n| (n, gw.listen)),
+        );
     }
     if let (Some(m), Some(name)) = (&topo.mesh, mesh::mesh_name(topo)) {
         targets.push((name, m.listen));
@@ -93,7 +103,11 @@ pub fn add_validation_targets(topo: &mut Topology) {
 }
 
 /// Runs every role the topology has until `shutdown`.
-pub async fn run(config: Option<PathBuf>, cli_fingerprint: Option<String>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Option<PathBuf>,
+    cli_fingerprint: Option<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (path, mut topo, map, embedded) = load(config.as_deref())?;
     add_validation_targets(&mut topo);
 
@@ -111,7 +125,11 @@ pub async fn run(config: Option<PathBuf>, cli_fingerprint: Option<String>, shutd
         Some(_) => {
             let mesh = Mesh::prepare(&path, &topo, &map, cli_fingerprint.as_deref()).await?;
             // The embedded default is not a file on disk: there is nothing to watch.
-            Some(if embedded { mesh.without_reload() } else { mesh })
+            Some(if embedded {
+                mesh.without_reload()
+            } else {
+                mesh
+            })
         }
         None => None,
     };
@@ -120,7 +138,10 @@ pub async fn run(config: Option<PathBuf>, cli_fingerprint: Option<String>, shutd
         None => None,
     };
     if ca_server.is_none() && mesh.is_none() && gateway.is_none() {
-        anyhow::bail!("{} has no [ca], [gateway] or [mesh] section: nothing to run", path.display());
+        anyhow::bail!(
+            "{} has no [ca], [gateway] or [mesh] section: nothing to run",
+            path.display()
+        );
     }
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -129,17 +150,29 @@ pub async fn run(config: Option<PathBuf>, cli_fingerprint: Option<String>, shutd
         let listener = bind(topo.ca.as_ref().expect("ca").listen, "CA").await?;
         fingerprint = Some(server.fingerprint());
         let token = shutdown.clone();
-        tasks.spawn(async move { server.serve(listener, async move { token.cancelled().await }).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            server
+                .serve(listener, async move { token.cancelled().await })
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     if embedded {
         let addr: SocketAddr = WHOAMI.parse().expect("valid address");
         let listener = bind(addr, "whoami demo backend").await?;
         let token = shutdown.clone();
-        tasks.spawn(async move { phoenix_proxy::whoami::serve(listener, "whoami".into(), token).await.map_err(anyhow::Error::from) });
+        tasks.spawn(async move {
+            phoenix_proxy::whoami::serve(listener, "whoami".into(), token)
+                .await
+                .map_err(anyhow::Error::from)
+        });
     }
     if let Some(mesh) = mesh {
         let (listen, admin) = mesh.listen_addrs();
-        let (listener, admin) = (bind(listen, "mesh").await?, bind(admin, "mesh admin").await?);
+        let (listener, admin) = (
+            bind(listen, "mesh").await?,
+            bind(admin, "mesh admin").await?,
+        );
         tasks.spawn(mesh.serve(listener, admin, shutdown.clone()));
     }
     let mut ready = None;
@@ -157,7 +190,10 @@ pub async fn run(config: Option<PathBuf>, cli_fingerprint: Option<String>, shutd
 
     if let (Some(ca), Some(fingerprint)) = (&topo.ca, &fingerprint) {
         println!("Phoenix is up.");
-        println!("  root certificate:  {}", ca.data_dir.join("root.pem").display());
+        println!(
+            "  root certificate:  {}",
+            ca.data_dir.join("root.pem").display()
+        );
         println!("  root fingerprint:  {fingerprint}");
     }
     if let Some((ready, listen)) = ready {

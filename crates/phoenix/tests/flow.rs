@@ -107,7 +107,13 @@ impl Flow {
             .to_owned();
 
         let mut backend_cmd = phoenix();
-        backend_cmd.args(["whoami", "--listen", &format!("127.0.0.1:{}", ports.backend), "--name", "backend"]);
+        backend_cmd.args([
+            "whoami",
+            "--listen",
+            &format!("127.0.0.1:{}", ports.backend),
+            "--name",
+            "backend",
+        ]);
         let mut backend = Proc::start("whoami", backend_cmd, &dir);
         wait_for_port(addr(ports.backend), &mut backend);
 
@@ -141,7 +147,9 @@ impl Flow {
     /// documented ways of bootstrapping trust.
     fn start_mesh(&mut self) {
         let mut cmd = phoenix();
-        cmd.args(["mesh", "--config"]).arg(&self.config).args(["--ca-fingerprint", &self.fingerprint]);
+        cmd.args(["mesh", "--config"])
+            .arg(&self.config)
+            .args(["--ca-fingerprint", &self.fingerprint]);
         let mut p = Proc::start("mesh", cmd, &self.dir);
         wait_for_port(addr(self.ports.mesh), &mut p);
         self.mesh = Some(p);
@@ -149,7 +157,9 @@ impl Flow {
 
     fn start_gateway(&mut self) {
         let mut cmd = phoenix();
-        cmd.args(["gateway", "--config"]).arg(&self.config).env("PHOENIX_CA_FINGERPRINT", &self.fingerprint);
+        cmd.args(["gateway", "--config"])
+            .arg(&self.config)
+            .env("PHOENIX_CA_FINGERPRINT", &self.fingerprint);
         let mut p = Proc::start("gateway", cmd, &self.dir);
         wait_for_port(addr(self.ports.gw), &mut p);
         self.gateway = Some(p);
@@ -160,7 +170,13 @@ impl Flow {
     }
 
     fn get(&self, path: &str, extra: &[&str]) -> (u16, String) {
-        curl(&self.root(), "app.phoenix.test", addr(self.ports.gw), path, extra)
+        curl(
+            &self.root(),
+            "app.phoenix.test",
+            addr(self.ports.gw),
+            path,
+            extra,
+        )
     }
 
     fn wait_ok(&self, within: Duration) {
@@ -176,17 +192,32 @@ impl Flow {
                     .flatten()
                     .map(|p| format!("---- {} ----\n{}", p.name, p.log()))
                     .collect();
-                panic!("the flow never answered 200 (last {status} {body}):\n{}", logs.join("\n"));
+                panic!(
+                    "the flow never answered 200 (last {status} {body}):\n{}",
+                    logs.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
 
     /// Serial of the certificate a TLS listener presents for `name`, read with openssl s_client.
-    fn served_serial(&self, port: u16, name: &str, client_cert: Option<(&Path, &Path)>) -> Option<String> {
+    fn served_serial(
+        &self,
+        port: u16,
+        name: &str,
+        client_cert: Option<(&Path, &Path)>,
+    ) -> Option<String> {
         let mut cmd = Command::new("openssl");
-        cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", name, "-CAfile"])
-            .arg(self.root());
+        cmd.args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            name,
+            "-CAfile",
+        ])
+        .arg(self.root());
         if let Some((c, k)) = client_cert {
             cmd.arg("-cert").arg(c).arg("-key").arg(k);
         }
@@ -231,30 +262,65 @@ fn client_reaches_backend_through_verified_hops() {
     // holding a certificate, so take the gateway's own from its state directory.
     let gw_dir = flow.dir.join(".phoenix/gateway");
     let (gw_cert, gw_key) = (gw_dir.join("cert.pem"), gw_dir.join("key.pem"));
-    assert!(gw_cert.exists(), "the gateway keeps its certificate on disk");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&gw_key).unwrap().permissions());
+    assert!(
+        gw_cert.exists(),
+        "the gateway keeps its certificate on disk"
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&gw_key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the gateway's key is 0600");
-    assert!(flow.served_serial(flow.ports.mesh, "mesh.phoenix.test", Some((&gw_cert, &gw_key))).is_some());
+    assert!(flow
+        .served_serial(
+            flow.ports.mesh,
+            "mesh.phoenix.test",
+            Some((&gw_cert, &gw_key))
+        )
+        .is_some());
 
     // The mesh refuses plaintext...
     let plain = Command::new("curl")
-        .args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{}/", flow.ports.mesh)])
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{}/", flow.ports.mesh),
+        ])
         .output()
         .unwrap();
     let plain_out = String::from_utf8_lossy(&plain.stdout);
-    assert!(!plain_out.contains("\"path\""), "the mesh answered plaintext HTTP: {plain_out}");
+    assert!(
+        !plain_out.contains("\"path\""),
+        "the mesh answered plaintext HTTP: {plain_out}"
+    );
     // ... and a TLS client without the gateway's certificate, even one that trusts the root.
-    let (status, _) = curl(&flow.root(), "mesh.phoenix.test", addr(flow.ports.mesh), "/", &["-H", "Host: app.phoenix.test"]);
+    let (status, _) = curl(
+        &flow.root(),
+        "mesh.phoenix.test",
+        addr(flow.ports.mesh),
+        "/",
+        &["-H", "Host: app.phoenix.test"],
+    );
     assert_eq!(status, 0, "the mesh served a client without a certificate");
 
     // The HTTP listener redirects to HTTPS with 308.
     let out = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H", "Host: app.phoenix.test"])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            "-H",
+            "Host: app.phoenix.test",
+        ])
         .arg(format!("http://127.0.0.1:{}/x?y=1", flow.ports.gw_http))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text, format!("308 https://app.phoenix.test:{}/x?y=1", flow.ports.gw));
+    assert_eq!(
+        text,
+        format!("308 https://app.phoenix.test:{}/x?y=1", flow.ports.gw)
+    );
 }
 
 #[test]
@@ -266,20 +332,59 @@ fn gateway_refuses_a_mesh_outside_the_root() {
     let (cert, key) = other.issue("mesh.phoenix.test", "mesh");
     let p = Ports::new();
     let text = topology(&p, "24h")
-        .replace("require_client_cert = true", &format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert.display(), key.display()))
+        .replace(
+            "require_client_cert = true",
+            &format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"",
+                cert.display(),
+                key.display()
+            ),
+        )
         .replace("mtls = true", "mtls = false");
     let config = dir.join("phoenix.toml");
     std::fs::write(&config, text).unwrap();
     let mut init = phoenix();
     init.args(["ca", "init", "--config"]).arg(&config);
     run_ok(init);
-    let mut ca = Proc::start("ca", { let mut c = phoenix(); c.args(["ca", "serve", "--config"]).arg(&config); c }, dir);
+    let mut ca = Proc::start(
+        "ca",
+        {
+            let mut c = phoenix();
+            c.args(["ca", "serve", "--config"]).arg(&config);
+            c
+        },
+        dir,
+    );
     wait_for_port(addr(p.ca), &mut ca);
-    let mut backend = Proc::start("whoami", { let mut c = phoenix(); c.args(["whoami", "--listen", &format!("127.0.0.1:{}", p.backend)]); c }, dir);
+    let mut backend = Proc::start(
+        "whoami",
+        {
+            let mut c = phoenix();
+            c.args(["whoami", "--listen", &format!("127.0.0.1:{}", p.backend)]);
+            c
+        },
+        dir,
+    );
     wait_for_port(addr(p.backend), &mut backend);
-    let mut mesh = Proc::start("mesh", { let mut c = phoenix(); c.args(["mesh", "--config"]).arg(&config); c }, dir);
+    let mut mesh = Proc::start(
+        "mesh",
+        {
+            let mut c = phoenix();
+            c.args(["mesh", "--config"]).arg(&config);
+            c
+        },
+        dir,
+    );
     wait_for_port(addr(p.mesh), &mut mesh);
-    let mut gw = Proc::start("gateway", { let mut c = phoenix(); c.args(["gateway", "--config"]).arg(&config); c }, dir);
+    let mut gw = Proc::start(
+        "gateway",
+        {
+            let mut c = phoenix();
+            c.args(["gateway", "--config"]).arg(&config);
+            c
+        },
+        dir,
+    );
     wait_for_port(addr(p.gw), &mut gw);
 
     let root = dir.join("ca/root.pem");
@@ -287,10 +392,17 @@ fn gateway_refuses_a_mesh_outside_the_root() {
     let status = loop {
         let (status, body) = curl(&root, "app.phoenix.test", addr(p.gw), "/", &[]);
         if status != 0 {
-            assert_ne!(status, 200, "the gateway forwarded to a mesh it cannot verify: {body}");
+            assert_ne!(
+                status, 200,
+                "the gateway forwarded to a mesh it cannot verify: {body}"
+            );
             break status;
         }
-        assert!(Instant::now() < deadline, "the gateway never served:\n{}", gw.log());
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served:\n{}",
+            gw.log()
+        );
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(status, 502);
@@ -304,7 +416,11 @@ fn roles_renew_under_load_and_survive_the_ca_going_away() {
     let serials = |flow: &Flow| {
         (
             flow.served_serial(flow.ports.gw, "app.phoenix.test", None),
-            flow.served_serial(flow.ports.mesh, "mesh.phoenix.test", Some((&client_cert.0, &client_cert.1))),
+            flow.served_serial(
+                flow.ports.mesh,
+                "mesh.phoenix.test",
+                Some((&client_cert.0, &client_cert.1)),
+            ),
         )
     };
     let mut gw_seen = std::collections::BTreeSet::new();
@@ -324,9 +440,18 @@ fn roles_renew_under_load_and_survive_the_ca_going_away() {
         mesh_seen.extend(m);
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len(), &failed[..failed.len().min(3)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     assert!(gw_seen.len() >= 3, "gateway certificates seen: {gw_seen:?}");
-    assert!(mesh_seen.len() >= 3, "mesh certificates seen: {mesh_seen:?}");
+    assert!(
+        mesh_seen.len() >= 3,
+        "mesh certificates seen: {mesh_seen:?}"
+    );
 
     // The CA goes away: both roles keep serving.
     flow.ca.as_mut().unwrap().kill();

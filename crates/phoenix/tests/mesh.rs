@@ -22,7 +22,13 @@ struct Mesh {
 
 fn start_whoami(dir: &Path, name: &str, port: u16) -> Proc {
     let mut cmd = phoenix();
-    cmd.args(["whoami", "--listen", &format!("127.0.0.1:{port}"), "--name", name]);
+    cmd.args([
+        "whoami",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--name",
+        name,
+    ]);
     let mut p = Proc::start(&format!("whoami-{name}"), cmd, dir);
     wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), &mut p);
     p
@@ -43,7 +49,14 @@ fn start_mesh(extra_mesh: &str, body: &str) -> Mesh {
     let mut proc = Proc::start("mesh", cmd, &dir);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_for_port(addr, &mut proc);
-    Mesh { _tmp: tmp, dir, ca, config, addr, proc }
+    Mesh {
+        _tmp: tmp,
+        dir,
+        ca,
+        config,
+        addr,
+        proc,
+    }
 }
 
 fn mesh_file(port: u16, admin: u16, extra_mesh: &str, body: &str) -> String {
@@ -82,11 +95,24 @@ impl Mesh {
         format!("https://mesh.phoenix.test:{}{path}", self.addr.port())
     }
 
-    async fn get(&self, client: &reqwest::Client, host: &str, path: &str) -> (u16, serde_json::Value) {
-        let resp = client.get(self.url(path)).header("host", host).send().await.unwrap();
+    async fn get(
+        &self,
+        client: &reqwest::Client,
+        host: &str,
+        path: &str,
+    ) -> (u16, serde_json::Value) {
+        let resp = client
+            .get(self.url(path))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
     }
 }
 
@@ -142,7 +168,12 @@ strip_prefix = ["/v1"]
     assert_eq!(body["name"], "b");
 
     // No route: 404 with the request id in the body.
-    let resp = c.get(mesh.url("/nothing")).header("host", "api.phoenix.test").send().await.unwrap();
+    let resp = c
+        .get(mesh.url("/nothing"))
+        .header("host", "api.phoenix.test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(resp.text().await.unwrap().contains(&id));
@@ -156,7 +187,10 @@ strip_prefix = ["/v1"]
         .await
         .unwrap();
     let body: serde_json::Value = resp.json().await.unwrap();
-    assert_eq!(body["headers"]["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
+    assert_eq!(
+        body["headers"]["x-forwarded-for"][0],
+        "203.0.113.7, 127.0.0.1"
+    );
     assert_eq!(body["headers"]["x-forwarded-proto"][0], "https");
     assert_eq!(body["host"], "app.phoenix.test");
 }
@@ -231,7 +265,11 @@ async fn dead_server_is_ejected_and_returns_without_failed_requests() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = served_by_b.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(served_by_b.load(Ordering::Relaxed), before, "b still served after ejection");
+    assert_eq!(
+        served_by_b.load(Ordering::Relaxed),
+        before,
+        "b still served after ejection"
+    );
 
     // b comes back on the same port and returns to rotation within two intervals.
     let _b2 = start_whoami(tmp.path(), "b", pb);
@@ -243,7 +281,11 @@ async fn dead_server_is_ejected_and_returns_without_failed_requests() {
     stop.store(true, Ordering::Relaxed);
     let total = load.await.unwrap();
     assert!(total > 100, "only {total} requests were sent");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "failed GETs while a server was down");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed GETs while a server was down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,24 +299,35 @@ async fn reload_applies_changes_and_keeps_running_config_on_errors() {
     assert_eq!(mesh.get(&c, "new.phoenix.test", "/").await.0, 404);
 
     let original = std::fs::read_to_string(&mesh.config).unwrap();
-    let with_route = format!("{original}\n[[route]]\nrule = \"Host(`new.phoenix.test`)\"\nservice = \"app\"\n");
+    let with_route =
+        format!("{original}\n[[route]]\nrule = \"Host(`new.phoenix.test`)\"\nservice = \"app\"\n");
     std::fs::write(&mesh.config, &with_route).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while mesh.get(&c, "new.phoenix.test", "/").await.0 != 200 {
-        assert!(Instant::now() < deadline, "the new route never appeared:\n{}", mesh.proc.log());
+        assert!(
+            Instant::now() < deadline,
+            "the new route never appeared:\n{}",
+            mesh.proc.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // An invalid file: every problem logged, the running configuration keeps serving.
-    std::fs::write(&mesh.config, format!("{with_route}\n[[route]]\nrule = \"Host(`x`\"\nservice = \"nope\"\n"))
-        .unwrap();
+    std::fs::write(
+        &mesh.config,
+        format!("{with_route}\n[[route]]\nrule = \"Host(`x`\"\nservice = \"nope\"\n"),
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     for _ in 0..20 {
         assert_eq!(mesh.get(&c, "new.phoenix.test", "/").await.0, 200);
     }
     let log = mesh.proc.log();
     assert!(log.contains("reload rejected"), "{log}");
-    assert!(log.contains("route[1]"), "the log names the bad route:\n{log}");
+    assert!(
+        log.contains("route[1]"),
+        "the log names the bad route:\n{log}"
+    );
     let _ = &mesh.dir;
 }
 
@@ -290,14 +343,25 @@ fn plaintext_backend_outside_trusted_networks_is_refused_before_binding() {
     let text = mesh_file(port, free_port(), "", body).replace("127.0.0.0/8", "10.0.0.0/24");
     std::fs::write(&config, text).unwrap();
     for verb in ["mesh", "check"] {
-        let out = phoenix().arg(verb).arg("--config").arg(&config).output().unwrap();
+        let out = phoenix()
+            .arg(verb)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{verb}: {err}");
         assert!(err.contains("http://127.0.0.1:8001"), "{verb}: {err}");
         assert!(err.contains("10.0.0.0/24"), "{verb}: {err}");
-        assert!(err.contains("phoenix.toml:"), "{verb}: the file position is given: {err}");
+        assert!(
+            err.contains("phoenix.toml:"),
+            "{verb}: the file position is given: {err}"
+        );
     }
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "no port was bound");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "no port was bound"
+    );
 }
 
 #[test]

@@ -513,8 +513,16 @@ fn tls_connectors(
         }
     };
     Some((
-        TlsConnector::from(tls::client_config_with_identity(roots.clone(), H2, ctx.client_cert.clone())),
-        TlsConnector::from(tls::client_config_with_identity(roots, H1, ctx.client_cert.clone())),
+        TlsConnector::from(tls::client_config_with_identity(
+            roots.clone(),
+            H2,
+            ctx.client_cert.clone(),
+        )),
+        TlsConnector::from(tls::client_config_with_identity(
+            roots,
+            H1,
+            ctx.client_cert.clone(),
+        )),
     ))
 }
 

@@ -15,7 +15,11 @@ pub fn phoenix() -> Command {
 /// A free loopback port. Roles take addresses from the topology file, so the test picks a port the
 /// kernel just handed out and releases it; the window for a clash is tiny on a test machine.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process killed when dropped, so a failing test leaves nothing running.
@@ -35,7 +39,11 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc { child, name: name.to_owned(), log }
+        Proc {
+            child,
+            name: name.to_owned(),
+            log,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -44,13 +52,21 @@ impl Proc {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} did not stop after SIGTERM:\n{}", self.name, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop after SIGTERM:\n{}",
+                self.name,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -75,9 +91,18 @@ pub fn wait_for_port(addr: SocketAddr, proc: &mut Proc) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         if let Some(status) = proc.child.try_wait().unwrap() {
-            panic!("{} exited with {status} before listening on {addr}:\n{}", proc.name, proc.log());
+            panic!(
+                "{} exited with {status} before listening on {addr}:\n{}",
+                proc.name,
+                proc.log()
+            );
         }
-        assert!(Instant::now() < deadline, "{} never listened on {addr}:\n{}", proc.name, proc.log());
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened on {addr}:\n{}",
+            proc.name,
+            proc.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -115,7 +140,10 @@ impl TestCa {
         let mut cmd = phoenix();
         cmd.args(["ca", "init", "--config"]).arg(&config);
         run_ok(cmd);
-        TestCa { dir: dir.to_owned(), config }
+        TestCa {
+            dir: dir.to_owned(),
+            config,
+        }
     }
 
     pub fn root(&self) -> PathBuf {
@@ -126,19 +154,40 @@ impl TestCa {
     pub fn issue(&self, name: &str, out: &str) -> (PathBuf, PathBuf) {
         let out_dir = self.dir.join(out);
         let mut cmd = phoenix();
-        cmd.args(["ca", "issue", "--config"]).arg(&self.config).args(["--name", name, "--out"]).arg(&out_dir);
+        cmd.args(["ca", "issue", "--config"])
+            .arg(&self.config)
+            .args(["--name", name, "--out"])
+            .arg(&out_dir);
         run_ok(cmd);
         (out_dir.join("cert.pem"), out_dir.join("key.pem"))
     }
 }
 
 /// curl trusting only `root`, resolving `host` to `addr`; returns (status, body).
-pub fn curl(root: &Path, host: &str, addr: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
+pub fn curl(
+    root: &Path,
+    host: &str,
+    addr: SocketAddr,
+    path: &str,
+    extra: &[&str],
+) -> (u16, String) {
     let url = format!("https://{host}:{}{path}", addr.port());
     let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+        ])
         .arg(root)
-        .args(["--resolve", &format!("{host}:{}:{}", addr.port(), addr.ip())])
+        .args([
+            "--resolve",
+            &format!("{host}:{}:{}", addr.port(), addr.ip()),
+        ])
         .args(extra)
         .arg(&url)
         .output()
