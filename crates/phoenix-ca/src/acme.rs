@@ -119,6 +119,18 @@ async fn acme_headers(State(s): State<Arc<AcmeState>>, req: Request, next: Next)
     let is_acme = req.uri().path().starts_with("/acme/");
     let base = s.base(req.headers(), req.uri());
     let mut resp = next.run(req).await;
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes())
+            != Some(b"application/problem+json")
+    {
+        // axum's body limit answers in plain text; ACME clients expect a problem document.
+        resp = Problem::malformed(format!("request body larger than {BODY_LIMIT} bytes"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+            .into_response();
+    }
     if is_acme {
         let h = resp.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&s.nonces.issue()) {
@@ -949,11 +961,13 @@ async fn order(
 }
 
 /// The CSR checks phoenix-pki cannot make: its key must not be the account key (RFC 8555
-/// 11.1). Signature, key type and the exact name set are checked by `issue_from_csr`.
+/// 11.1), and it must not ask for more than a leaf (see `check_requested_extensions`).
+/// Signature, key type and the exact name set are checked by `issue_from_csr`.
 fn check_csr_key(der: &[u8], account_key: &Jwk) -> Result<(), Problem> {
     use x509_parser::prelude::FromDer;
     let info = phoenix_pki::parse_csr(der)
         .map_err(|e| Problem::new(ProblemType::BadCsr, e.to_string()))?;
+    check_requested_extensions(der)?;
     let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&info.spki_der)
         .map_err(|e| Problem::new(ProblemType::BadCsr, format!("CSR public key: {e}")))?;
     if account_key.matches_spki(&spki) {
@@ -961,6 +975,60 @@ fn check_csr_key(der: &[u8], account_key: &Jwk) -> Result<(), Problem> {
             ProblemType::BadCsr,
             "the certificate key must not be the account key",
         ));
+    }
+    Ok(())
+}
+
+/// Requested extensions are never copied into a certificate (the leaf profile is fixed), so
+/// most are ignored. A CSR that asks for CA powers (`basicConstraints` cA, `keyCertSign` or
+/// `cRLSign`, name constraints) or marks an extension we do not know as critical is refused
+/// instead: it is either an attack or a client that would be surprised by the leaf it got.
+fn check_requested_extensions(der: &[u8]) -> Result<(), Problem> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::FromDer;
+    let bad = |m: String| Problem::new(ProblemType::BadCsr, m);
+    let (_, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| bad(format!("CSR is not DER: {e}")))?;
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        match ext {
+            ParsedExtension::BasicConstraints(bc) if bc.ca => {
+                return Err(bad(
+                    "the CSR asks for a CA certificate (basicConstraints cA)".into(),
+                ))
+            }
+            ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                return Err(bad(
+                    "the CSR asks for keyCertSign or cRLSign; leaves cannot sign".into(),
+                ))
+            }
+            ParsedExtension::NameConstraints(_) => {
+                return Err(bad(
+                    "the CSR asks for name constraints, a CA extension".into()
+                ))
+            }
+            _ => {}
+        }
+    }
+    // Criticality is on the raw extension; `requested_extensions` gives only parsed values.
+    for attr in csr.certification_request_info.iter_attributes() {
+        if let x509_parser::cri_attributes::ParsedCriAttribute::ExtensionRequest(req) =
+            attr.parsed_attribute()
+        {
+            for ext in &req.extensions {
+                if ext.critical
+                    && matches!(
+                        ext.parsed_extension(),
+                        ParsedExtension::UnsupportedExtension { .. }
+                    )
+                {
+                    return Err(bad(format!(
+                        "the CSR carries an unknown critical extension {}",
+                        ext.oid.to_id_string()
+                    )));
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -30,6 +30,9 @@ pub struct ListenerLimits {
     /// Most header fields in one request. Default 100.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
+    /// Longest request target (path and query) in bytes; longer gets 414. Default 8 KiB.
+    #[serde(default = "default_max_uri_length")]
+    pub max_uri_length: usize,
     /// Concurrent client connections accepted; further ones wait in the kernel backlog. Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -55,6 +58,7 @@ impl Default for ListenerLimits {
             idle_timeout: default_idle_timeout(),
             max_header_size: default_max_header_size(),
             max_headers: default_max_headers(),
+            max_uri_length: default_max_uri_length(),
             max_connections: default_max_connections(),
             max_body_size: None,
             upstream_connect_timeout: default_connect_timeout(),
@@ -75,6 +79,9 @@ fn default_max_header_size() -> usize {
 }
 fn default_max_headers() -> usize {
     100
+}
+fn default_max_uri_length() -> usize {
+    8 * 1024
 }
 fn default_max_connections() -> usize {
     10_000
@@ -121,6 +128,11 @@ pub struct MeshConfig {
     /// Networks into which plaintext (`http://`, `h2c://`) backends are allowed. Default none.
     #[serde(default)]
     pub plaintext_networks: Vec<IpNet>,
+    /// Clients that may ask for hop traces (`phoenix trace`, header `X-Phoenix-Trace`). Anyone
+    /// else gets no trace data. Default loopback (`127.0.0.0/8`, `::1`). The `mesh` role also
+    /// answers its `trusted_proxies` (the gateway, which only forwards allowed traces).
+    #[serde(default = "crate::trace::default_trace_networks")]
+    pub trace_networks: Vec<IpNet>,
     /// Require a client certificate issued by the internal root (mTLS).
     #[serde(default)]
     pub require_client_cert: bool,

@@ -16,5 +16,6 @@ pub mod rule;
 pub mod server;
 pub mod table;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod whoami;

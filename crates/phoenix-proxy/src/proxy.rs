@@ -53,6 +53,12 @@ pub struct ProxySettings {
     pub allowed_client_names: Vec<String>,
     /// `"mesh"` or `"gateway"`: the `role` label of metrics and logs.
     pub role: &'static str,
+    /// Answer 421 Misdirected Request when the request's host (`Host`, or `:authority` in HTTP/2)
+    /// is not the TLS SNI name the connection was opened for. The gateway sets it: clients reach it
+    /// by the service's own name, so a disagreement means connection reuse for a name the TLS
+    /// session was not made for, or a routing trick. The mesh leaves it off: the gateway reaches
+    /// it by the mesh's name and routes by `Host`.
+    pub require_host_matches_sni: bool,
 }
 
 /// A proxy: settings, the current route table and the metrics it reports to. Listeners are served
@@ -64,6 +70,8 @@ pub struct Proxy {
     /// The shutdown token of the first listener, so that services of reloaded tables start their
     /// health checks under it.
     health_shutdown: OnceLock<CancellationToken>,
+    /// Peers that may ask for hop traces (`trace_networks`); loopback until set.
+    trace_networks: OnceLock<Vec<IpNet>>,
     route_404: Arc<str>,
     service_none: Arc<str>,
 }
@@ -101,6 +109,7 @@ impl Proxy {
             table,
             metrics,
             health_shutdown: OnceLock::new(),
+            trace_networks: OnceLock::new(),
             route_404: Arc::from(""),
             service_none: Arc::from(""),
         })
@@ -112,6 +121,12 @@ impl Proxy {
             table.start_health_checks(shutdown);
         }
         self.table.store(Arc::new(table));
+    }
+
+    /// Sets the networks whose clients may ask for hop traces (see `trace`); the default is
+    /// loopback. Only the first call counts: listeners read it per request.
+    pub fn set_trace_networks(&self, networks: Vec<IpNet>) {
+        let _ = self.trace_networks.set(networks);
     }
 
     pub fn table(&self) -> arc_swap::Guard<Arc<RouteTable>> {
@@ -156,6 +171,14 @@ impl Proxy {
     ) -> Response<UpstreamBody> {
         let started = Instant::now();
         let request_id = forward::ensure_request_id(req.headers_mut());
+        let traced = crate::trace::begin(
+            &mut req,
+            conn.peer,
+            &conn.trace,
+            conn.sni.as_deref(),
+            self.trace_networks
+                .get_or_init(crate::trace::default_trace_networks),
+        );
         let mut log = AccessLog {
             role: self.settings.role,
             client: conn.peer,
@@ -182,7 +205,15 @@ impl Proxy {
             return self.finish(resp, log, guard);
         }
 
-        // Host: the URI authority (HTTP/2, absolute-form) wins over the Host header (RFC 9112 3.2.2).
+        if let Some((status, message)) = self.check_request_target(&req, conn) {
+            tracing::debug!(peer = %conn.peer, %status, message, "request refused before routing");
+            let mut resp = error_response(status, message, &request_id);
+            close_after(&mut resp, req.version());
+            return self.finish(resp, log, guard);
+        }
+
+        // Host: the URI authority (HTTP/2) wins over the Host header (RFC 9112 3.2.2); absolute-form
+        // HTTP/1 targets were refused above.
         let host_full: Option<String> = req
             .uri()
             .authority()
@@ -281,20 +312,22 @@ impl Proxy {
             .and_then(|v| v.parse::<u64>().ok());
         if let (Some(limit), Some(len)) = (limit, declared) {
             if len > limit {
-                let resp = error_response(
+                let mut resp = error_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!("request body larger than {limit} bytes"),
                     &request_id,
                 );
+                // The unread body is still on the connection; closing beats reading it all.
+                close_after(&mut resp, parts.version);
                 return self.finish(resp, log, guard);
             }
         }
         let exceeded = Arc::new(AtomicBool::new(false));
+        let malformed = Arc::new(AtomicBool::new(false));
         let empty_body = incoming.is_end_stream();
-        let request_body = match limit {
-            Some(limit) => LimitedBody::new(incoming, limit, exceeded.clone()).boxed(),
-            None => body::boxed(incoming),
-        };
+        let version = parts.version;
+        let request_body =
+            LimitedBody::new(incoming, limit, exceeded.clone(), malformed.clone()).boxed();
         let retry = if empty_body && !upgrade {
             target.chain.retry()
         } else {
@@ -310,7 +343,9 @@ impl Proxy {
         });
         let upstream_req = Request::from_parts(parts, request_body);
 
+        let sent_at = traced.as_ref().map(|_| Instant::now());
         let result = send(&target.service, upstream_req, retry, template).await;
+        let upstream_time = sent_at.map(|t| t.elapsed());
         match result {
             Ok(Upstreamed {
                 mut response,
@@ -327,15 +362,43 @@ impl Proxy {
                 let (mut rparts, rbody) = response.into_parts();
                 forward::remove_hop_by_hop(&mut rparts.headers, switching);
                 target.chain.on_response(&mut rparts);
+                match traced {
+                    Some(traced) => {
+                        let used = rparts.extensions.get::<crate::trace::UpstreamConn>();
+                        let verified = used
+                            .filter(|u| u.tls.is_some())
+                            .map(|_| crate::trace::verification(target.service.config()));
+                        crate::trace::finish(
+                            traced,
+                            &mut rparts.headers,
+                            self.settings.role,
+                            used,
+                            verified,
+                            None,
+                            started.elapsed(),
+                            upstream_time,
+                        );
+                    }
+                    None => crate::trace::strip(&mut rparts.headers),
+                }
                 rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
                 let resp = Response::from_parts(rparts, body::boxed(rbody));
                 self.finish(resp, log, guard)
             }
             Err(error) => {
+                let client_fault =
+                    exceeded.load(Ordering::Relaxed) || malformed.load(Ordering::Relaxed);
                 let (status, text) = if exceeded.load(Ordering::Relaxed) {
                     (
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "request body too large".to_owned(),
+                    )
+                } else if malformed.load(Ordering::Relaxed) {
+                    // The client's body broke (bad chunk size, connection cut): the client's
+                    // fault, not the upstream's, and the rest of its byte stream is not trusted.
+                    (
+                        StatusCode::BAD_REQUEST,
+                        "malformed request body".to_owned(),
                     )
                 } else if error.is_timeout() {
                     (StatusCode::GATEWAY_TIMEOUT, "upstream timeout".to_owned())
@@ -347,10 +410,94 @@ impl Proxy {
                     route = %target.name, service = %target.service_name, request_id = ?request_id,
                     error = %error, "upstream request failed"
                 );
-                let resp = error_response(status, &text, &request_id);
+                let mut resp = error_response(status, &text, &request_id);
+                if client_fault {
+                    close_after(&mut resp, version);
+                }
+                if let Some(traced) = traced {
+                    crate::trace::finish(
+                        traced,
+                        resp.headers_mut(),
+                        self.settings.role,
+                        None,
+                        None,
+                        Some(error.to_string()),
+                        started.elapsed(),
+                        upstream_time,
+                    );
+                }
                 self.finish(resp, log, guard)
             }
         }
+    }
+
+    /// Refuses requests whose target or host could be read two ways by two parsers (request
+    /// smuggling, cache poisoning, routing confusion), before any routing. hyper already refuses
+    /// malformed framing (bad `Content-Length`, `Transfer-Encoding` other than `chunked`, obs-fold,
+    /// control characters); this adds what hyper accepts but a reverse proxy should not:
+    /// - HTTP/1 absolute-form (`GET http://other/ HTTP/1.1`), asterisk-form (`OPTIONS *`) and
+    ///   `CONNECT`: a reverse proxy is an origin server, and with absolute-form the `Host` header
+    ///   that a next hop may prefer would be ignored here;
+    /// - an HTTP/1.1 request without exactly one `Host` (RFC 9112 section 3.2 requires 400);
+    /// - a `Host` header that disagrees with HTTP/2 `:authority` (RFC 9113 section 8.3.1);
+    /// - a request target longer than `max_uri_length` (414);
+    /// - with `require_host_matches_sni`, a host other than the SNI name (421, RFC 9110 15.5.20).
+    fn check_request_target(
+        &self,
+        req: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Option<(StatusCode, &'static str)> {
+        let uri = req.uri();
+        let target_len = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target_len > self.settings.limits.max_uri_length {
+            return Some((StatusCode::URI_TOO_LONG, "request target too long"));
+        }
+        let hosts = req.headers().get_all(header::HOST);
+        let mut host_values = hosts.iter();
+        let host_header = host_values.next();
+        if host_values.next().is_some() {
+            return Some((StatusCode::BAD_REQUEST, "more than one Host header"));
+        }
+        if req.method() == Method::CONNECT {
+            return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported"));
+        }
+        let http1 = matches!(
+            req.version(),
+            Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+        );
+        if http1 {
+            if uri.scheme().is_some() || uri.authority().is_some() {
+                return Some((StatusCode::BAD_REQUEST, "absolute-form request target"));
+            }
+            if !uri.path().starts_with('/') {
+                return Some((StatusCode::BAD_REQUEST, "request target is not origin-form"));
+            }
+            if req.version() == Version::HTTP_11 && host_header.is_none() {
+                return Some((StatusCode::BAD_REQUEST, "HTTP/1.1 request without Host"));
+            }
+        }
+        let header_host = match host_header.map(|h| h.to_str()) {
+            Some(Ok(h)) => Some(host_without_port(h)),
+            Some(Err(_)) => return Some((StatusCode::BAD_REQUEST, "Host is not ASCII")),
+            None => None,
+        };
+        let authority_host = uri.authority().map(|a| host_without_port(a.as_str()));
+        if let (Some(a), Some(h)) = (&authority_host, &header_host) {
+            if a != h {
+                return Some((StatusCode::BAD_REQUEST, "Host disagrees with :authority"));
+            }
+        }
+        if self.settings.require_host_matches_sni {
+            if let (Some(sni), Some(host)) = (&conn.sni, authority_host.or(header_host)) {
+                if !sni.eq_ignore_ascii_case(&host) {
+                    return Some((
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "host is not the TLS server name of this connection",
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Records metrics and wraps the body so the access log line is written when it ends.
@@ -438,6 +585,16 @@ fn host_without_port(authority: &str) -> Cow<'_, str> {
     }
 }
 
+/// Asks hyper to close an HTTP/1 connection after this response: after a refused request the
+/// rest of the byte stream cannot be trusted to start at a request boundary. (HTTP/2 frames its
+/// streams itself, and `Connection` is illegal there.)
+fn close_after(resp: &mut Response<UpstreamBody>, version: Version) {
+    if version < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 /// A short text response the proxy writes itself.
 pub(crate) fn error_response(
     status: StatusCode,
@@ -470,8 +627,12 @@ pub(crate) struct ConnInfo {
     pub(crate) peer: SocketAddr,
     pub(crate) scheme: &'static str,
     pub(crate) tls_version: Option<&'static str>,
+    /// The TLS SNI name the client asked for, lowercase without a trailing dot.
+    pub(crate) sni: Option<String>,
     /// Why requests on this connection are refused (client certificate not on the allow-list).
     pub(crate) denied: Option<String>,
+    /// Addresses and TLS details reported to traced requests.
+    pub(crate) trace: crate::trace::ConnTrace,
     /// Requests whose response has not ended yet, and when the last one ended: the idle timer.
     pub(crate) in_flight: AtomicUsize,
     pub(crate) last_active: Mutex<Instant>,
@@ -660,21 +821,30 @@ pub struct BodyTooLarge {
 }
 
 /// Request body that fails once more than `limit` bytes went through, so an oversized upload is
-/// cut while streaming instead of being buffered to be measured.
+/// cut while streaming instead of being buffered to be measured. It also notes when the client's
+/// body itself failed (`malformed`: a bad chunk size, a cut connection), so that the answer is a
+/// 400 for the client rather than a 502 blaming the upstream.
 struct LimitedBody {
     inner: Incoming,
     remaining: u64,
-    limit: u64,
+    limit: Option<u64>,
     exceeded: Arc<AtomicBool>,
+    malformed: Arc<AtomicBool>,
 }
 
 impl LimitedBody {
-    fn new(inner: Incoming, limit: u64, exceeded: Arc<AtomicBool>) -> Self {
+    fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        exceeded: Arc<AtomicBool>,
+        malformed: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             inner,
-            remaining: limit,
+            remaining: limit.unwrap_or(u64::MAX),
             limit,
             exceeded,
+            malformed,
         }
     }
 
@@ -699,14 +869,17 @@ impl Body for LimitedBody {
                     if len > this.remaining {
                         this.exceeded.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                            limit: this.limit,
+                            limit: this.limit.unwrap_or(u64::MAX),
                         }))));
                     }
                     this.remaining -= len;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                this.malformed.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -76,7 +76,15 @@ fn builder(limits: &ListenerLimits) -> Builder {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+        // Written out rather than left to the defaults, because they are defences: a cap on
+        // concurrent streams, and GOAWAY ENHANCE_YOUR_CALM for rapid reset (CVE-2023-44487:
+        // streams reset before they are served) and for streams the server itself had to reset.
+        // CONTINUATION floods are bounded by the header-list size above (h2 counts the frames).
+        // Tested in tests/hardening_h2_slow.rs.
+        .max_concurrent_streams(200)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024);
     builder
 }
 
@@ -133,6 +141,7 @@ async fn serve(
             shutdown.clone(),
             force.clone(),
             tracker.clone(),
+            local,
         );
         tracker.spawn(task.instrument(span));
     }
@@ -177,6 +186,7 @@ async fn connection(
     shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
+    local: SocketAddr,
 ) {
     let limits = &proxy.settings.limits;
     let Some(acceptor) = tls else {
@@ -186,6 +196,8 @@ async fn connection(
             "http",
             None,
             None,
+            None,
+            crate::trace::ConnTrace { local, tls: None },
             permit,
             force.clone(),
             tracker,
@@ -219,6 +231,9 @@ async fn connection(
         return;
     }
     let tls_version = session.protocol_version().map(version_name);
+    let sni = session
+        .server_name()
+        .map(|n| n.trim_end_matches('.').to_ascii_lowercase());
     let denied = check_client_name(session, &proxy.settings.allowed_client_names);
     if let Some(reason) = &denied {
         tracing::warn!(%peer, reason = %reason, "client certificate refused; requests get 403");
@@ -228,7 +243,12 @@ async fn connection(
         peer,
         "https",
         tls_version,
+        sni,
         denied,
+        crate::trace::ConnTrace {
+            local,
+            tls: tls_version.map(|v| crate::trace::DownstreamTls::of(session, v)),
+        },
         permit,
         force.clone(),
         tracker,
@@ -242,7 +262,9 @@ fn conn_info(
     peer: SocketAddr,
     scheme: &'static str,
     tls_version: Option<&'static str>,
+    sni: Option<String>,
     denied: Option<String>,
+    trace: crate::trace::ConnTrace,
     permit: OwnedSemaphorePermit,
     force_close: CancellationToken,
     tasks: TaskTracker,
@@ -253,7 +275,9 @@ fn conn_info(
         peer,
         scheme,
         tls_version,
+        sni,
         denied,
+        trace,
         in_flight: AtomicUsize::new(0),
         last_active: Mutex::new(Instant::now()),
         tasks,
@@ -263,7 +287,7 @@ fn conn_info(
     })
 }
 
-fn version_name(v: ProtocolVersion) -> &'static str {
+pub(crate) fn version_name(v: ProtocolVersion) -> &'static str {
     match v {
         ProtocolVersion::TLSv1_2 => "TLSv1.2",
         ProtocolVersion::TLSv1_3 => "TLSv1.3",

@@ -202,6 +202,7 @@ async fn start_mesh(pki: &Pki, routing: &RoutingConfig, opts: MeshOptions) -> Me
         access_log: true,
         allowed_client_names: opts.allowed_client_names,
         role: "mesh",
+        require_host_matches_sni: false,
     };
     let proxy = Proxy::new(settings, table, metrics);
     let server_config = tls::server_config(resolver.clone(), opts.client_auth);

@@ -236,8 +236,10 @@ impl Gateway {
             access_log: gw.access_log,
             allowed_client_names: Vec::new(),
             role: "gateway",
+            require_host_matches_sni: true,
         };
         let proxy = Proxy::new(settings, table, metrics);
+        proxy.set_trace_networks(gw.trace_networks.clone());
         Ok(Gateway {
             cfg: gw,
             proxy,

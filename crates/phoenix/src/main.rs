@@ -3,10 +3,14 @@
 #![forbid(unsafe_code)]
 
 mod certs;
+mod check;
 mod gateway;
+mod graph;
 mod mesh;
 mod reload;
 mod topology;
+mod trace;
+mod trust;
 mod up;
 
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +21,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::topology::{ConfigErrors, Topology};
+use crate::topology::ConfigErrors;
 
 /// Exit code for a configuration the program refuses (sysexits EX_CONFIG... EX_USAGE family: 64).
 const EXIT_CONFIG: u8 = 64;
@@ -73,9 +77,44 @@ enum Command {
         trust: TrustArgs,
     },
     /// Check a topology file: every problem at once, with its place and a hint. Binds no port.
+    /// Exit 0 when there is no error (warnings pass unless --strict), 64 otherwise.
     Check {
         #[arg(long, short, env = "PHOENIX_CONFIG", default_value = "phoenix.toml")]
         config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Fail on warnings too.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Print the flow of a topology file as a Mermaid diagram.
+    Graph {
+        #[arg(long, short, env = "PHOENIX_CONFIG", default_value = "phoenix.toml")]
+        config: PathBuf,
+    },
+    /// Put the Phoenix root into (or take it out of) the system trust store.
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+    /// Send one request through the flow and show every hop: addresses, protocol, TLS, certificates,
+    /// verification, client certificates, time, and where the traffic is plaintext.
+    Trace {
+        /// e.g. https://whoami.phoenix.localhost:8443/
+        url: String,
+        /// Root(s) to verify the first hop against; default the system trust store.
+        #[arg(long)]
+        cacert: Option<PathBuf>,
+        /// Connect to ADDR for HOST:PORT, as curl's --resolve (repeatable).
+        #[arg(long, value_name = "HOST:PORT:ADDR")]
+        resolve: Vec<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "10s")]
+        timeout: humantime::Duration,
     },
     /// A small backend for demos and tests: answers with what it received.
     Whoami {
@@ -85,6 +124,37 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Add the root to the system store (Debian: /usr/local/share/ca-certificates); needs root.
+    Install(RootArgs),
+    /// Remove it again; with no root given, every Phoenix root.
+    Uninstall(RootArgs),
+}
+
+#[derive(clap::Args)]
+struct RootArgs {
+    /// The root certificate PEM (e.g. .phoenix/ca/root.pem).
+    #[arg(long, conflicts_with_all = ["ca_url", "ca_fingerprint"])]
+    cacert: Option<PathBuf>,
+    /// The CA's URL, to fetch the root from; with --ca-fingerprint.
+    #[arg(long, requires = "ca_fingerprint")]
+    ca_url: Option<String>,
+    /// SHA-256 fingerprint the fetched root must have.
+    #[arg(long, requires = "ca_url")]
+    ca_fingerprint: Option<String>,
+}
+
+impl RootArgs {
+    fn into_from(self) -> trust::RootFrom {
+        trust::RootFrom {
+            cacert: self.cacert,
+            ca_url: self.ca_url,
+            ca_fingerprint: self.ca_fingerprint,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -156,7 +226,10 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(config) = e.downcast_ref::<ConfigErrors>() {
+            if e.downcast_ref::<check::CheckFailed>().is_some() {
+                // The report is printed already.
+                ExitCode::from(EXIT_CONFIG)
+            } else if let Some(config) = e.downcast_ref::<ConfigErrors>() {
                 eprint!("{config}");
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -219,7 +292,51 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .await
             })
         }
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            json,
+            strict,
+        } => check::run(&config, json, strict),
+        Command::Graph { config } => {
+            let (topo, _) = topology::load(&config)?;
+            print!("{}", graph::render(&topo));
+            Ok(())
+        }
+        Command::Trust { command } => {
+            let (install, args) = match command {
+                TrustCommand::Install(a) => (true, a),
+                TrustCommand::Uninstall(a) => (false, a),
+            };
+            runtime()?.block_on(trust::run(install, &args.into_from()))
+        }
+        Command::Trace {
+            url,
+            cacert,
+            resolve,
+            json,
+            timeout,
+        } => {
+            let request = trace::TraceRequest {
+                url,
+                cacert,
+                resolve,
+                timeout: timeout.into(),
+            };
+            let t = runtime()?.block_on(trace::trace(&request))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print!("{}", trace::render(&t));
+            }
+            let healthy = t
+                .hops
+                .iter()
+                .all(|h| h.error.is_none() && (h.protocol != "HTTPS" || h.verified_ok));
+            if !healthy {
+                anyhow::bail!("a hop failed or was not verified (see above)");
+            }
+            Ok(())
+        }
         Command::Whoami { listen, name } => runtime()?.block_on(async move {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -328,39 +445,6 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             println!("HMAC key: {hmac}");
             Ok(())
         }
-    }
-}
-
-/// `phoenix check`: loads the file and builds everything a role would build, binding nothing.
-fn check(path: &Path) -> anyhow::Result<()> {
-    let (topo, map) = topology::load(path)?;
-    let mut problems = Vec::new();
-    if topo.mesh.is_some() {
-        if let Err(ps) = mesh::build_table(&topo, None, None) {
-            problems.extend(ps.into_iter().map(|p| map.locate(p)));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(ConfigErrors(problems).into());
-    }
-    println!("{}: ok", path.display());
-    summarize(&topo);
-    Ok(())
-}
-
-fn summarize(topo: &Topology) {
-    if let Some(ca) = &topo.ca {
-        println!("  ca       {}  domains {:?}", ca.listen, ca.domains);
-    }
-    if let Some(gw) = &topo.gateway {
-        println!("  gateway  {}  -> {}", gw.listen, gw.mesh);
-    }
-    if let Some(mesh) = &topo.mesh {
-        println!("  mesh     {}", mesh.listen);
-    }
-    for s in &topo.services {
-        let servers: Vec<&str> = s.servers.iter().map(|s| s.url()).collect();
-        println!("  service  {:<16} {}", s.name, servers.join(", "));
     }
 }
 

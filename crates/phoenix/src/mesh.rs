@@ -3,7 +3,7 @@
 //! atomically; a file with problems keeps the running table and logs every problem. The certificate
 //! is reloaded when its files change, without dropping connections.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use phoenix_proxy::metrics::Metrics;
 use phoenix_proxy::proxy::{Proxy, ProxySettings};
 use phoenix_proxy::table::{BuildContext, RouteTable};
 use phoenix_proxy::tls;
-use phoenix_proxy::upstream::{Service, UpstreamContext};
+use phoenix_proxy::upstream::UpstreamContext;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -185,8 +185,14 @@ impl Mesh {
             access_log: mesh.access_log,
             allowed_client_names: allowed,
             role: "mesh",
+            require_host_matches_sni: false,
         };
         let proxy = Proxy::new(settings, table, metrics);
+        // The gateway (a trusted proxy) forwards a trace request only for callers in its own
+        // trace_networks, so the mesh answers it too: a multi-host flow traces without extra keys.
+        let mut trace_networks = mesh.trace_networks.clone();
+        trace_networks.extend(mesh.trusted_proxies.iter().copied());
+        proxy.set_trace_networks(trace_networks);
         Ok(Mesh {
             cfg: mesh,
             path: path.to_owned(),
@@ -230,16 +236,17 @@ impl Mesh {
         } = self;
         let server_config = tls::server_config(cert.resolver.clone(), client_roots);
         cert.start(&shutdown);
-        let health = Arc::new(std::sync::Mutex::new(HealthTasks::default()));
-        health
-            .lock()
-            .expect("health lock")
-            .sync(&proxy.table(), &shutdown);
+        // Checks stop by themselves when a reload drops their service.
+        proxy.table().start_health_checks(&shutdown);
         tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, "mesh serving");
 
         let admin_task = {
             let proxy = proxy.clone();
-            let health_json = Arc::new(move || health_report(&proxy.table()));
+            let health_json = Arc::new(move || {
+                let mut health = proxy.health();
+                health["status"] = "ok".into();
+                health
+            });
             tokio::spawn(phoenix_proxy::admin::serve(
                 admin,
                 Arc::new(registry),
@@ -251,7 +258,6 @@ impl Mesh {
             let proxy = proxy.clone();
             let shutdown = shutdown.clone();
             let resolver = cert.resolver.clone();
-            let health = health.clone();
             let mut watched = Vec::new();
             if reload {
                 watched.push(path.clone());
@@ -275,7 +281,7 @@ impl Mesh {
                         }
                     }
                     if reload && changed_abs(&path) {
-                        reload_routes(&path, roots.clone(), &proxy, &health, &reload_shutdown);
+                        reload_routes(&path, roots.clone(), &proxy, &reload_shutdown);
                     }
                 })
                 .await;
@@ -315,7 +321,6 @@ fn reload_routes(
     path: &Path,
     roots: Option<Arc<rustls::RootCertStore>>,
     proxy: &Arc<Proxy>,
-    health: &std::sync::Mutex<HealthTasks>,
     shutdown: &CancellationToken,
 ) {
     let result = topology::load(path).and_then(|(topo, map)| {
@@ -326,10 +331,7 @@ fn reload_routes(
     match result {
         Ok(table) => {
             proxy.reload(table);
-            health
-                .lock()
-                .expect("health lock")
-                .sync(&proxy.table(), shutdown);
+            proxy.table().start_health_checks(shutdown);
             tracing::info!(config = %path.display(), "configuration reloaded");
         }
         Err(errors) => {
@@ -339,47 +341,4 @@ fn reload_routes(
             tracing::warn!(count = errors.0.len(), "keeping the running configuration");
         }
     }
-}
-
-/// Active health-check tasks, one per live service; services dropped by a reload stop being checked.
-#[derive(Default)]
-struct HealthTasks {
-    running: HashMap<usize, (std::sync::Weak<Service>, CancellationToken)>,
-}
-
-impl HealthTasks {
-    fn sync(&mut self, table: &RouteTable, shutdown: &CancellationToken) {
-        let mut live = HashSet::new();
-        for service in table.services() {
-            let key = Arc::as_ptr(service) as usize;
-            live.insert(key);
-            self.running.entry(key).or_insert_with(|| {
-                let token = shutdown.child_token();
-                service.start_health_checks(token.clone());
-                (Arc::downgrade(service), token)
-            });
-        }
-        self.running.retain(|key, (_, token)| {
-            let keep = live.contains(key);
-            if !keep {
-                token.cancel();
-            }
-            keep
-        });
-    }
-}
-
-fn health_report(table: &RouteTable) -> serde_json::Value {
-    let services: serde_json::Map<String, serde_json::Value> = table
-        .services()
-        .map(|s| {
-            let servers: Vec<serde_json::Value> = s
-                .servers()
-                .into_iter()
-                .map(|st| serde_json::json!({ "url": st.url, "healthy": st.healthy, "in_flight": st.in_flight }))
-                .collect();
-            (s.name().to_owned(), serde_json::Value::Array(servers))
-        })
-        .collect();
-    serde_json::json!({ "status": "ok", "role": "mesh", "services": services })
 }

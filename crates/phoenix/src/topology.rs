@@ -67,6 +67,10 @@ pub struct GatewayConfig {
     pub hsts: Option<std::time::Duration>,
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
+    /// Clients that may ask for hop traces (`phoenix trace`); anyone else gets no trace data.
+    /// Default loopback (`127.0.0.0/8`, `::1`).
+    #[serde(default = "phoenix_proxy::trace::default_trace_networks")]
+    pub trace_networks: Vec<IpNet>,
     #[serde(default = "default_true")]
     pub access_log: bool,
     #[serde(default)]

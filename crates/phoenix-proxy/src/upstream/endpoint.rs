@@ -198,6 +198,12 @@ impl Endpoint {
         replay: Option<&Replay>,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         let in_flight = InFlight::enter(self);
+        // A traced request goes over a fresh connection whose handshake is recorded (see `trace`).
+        let traced = req
+            .extensions()
+            .get::<crate::trace::TraceRequested>()
+            .is_some();
+        let mut used: Option<crate::trace::UpstreamConn> = None;
         let mut stale = 0;
         loop {
             let use_h2 = match self.target.protocol {
@@ -208,7 +214,11 @@ impl Endpoint {
                     h2_wanted && !upgrade && !self.h2_refused.load(Ordering::Relaxed)
                 }
             };
-            let acquired = if use_h2 {
+            let acquired = if traced {
+                self.connect_recorded(use_h2, &mut used)
+                    .await
+                    .map(|c| (c, false))
+            } else if use_h2 {
                 self.h2_conn().await
             } else {
                 self.h1_conn(stale > 0).await
@@ -222,7 +232,10 @@ impl Endpoint {
                 Conn::H1(mut tx) => {
                     prepare_h1(&mut req, &self.target);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => {
+                        Ok(mut resp) => {
+                            if let Some(used) = used.take() {
+                                resp.extensions_mut().insert(used);
+                            }
                             let keep =
                                 (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(tx);
                             return Ok(resp.map(|b| ResponseBody::new(b, in_flight, keep)));
@@ -234,7 +247,12 @@ impl Endpoint {
                     h2_generation = Some(generation);
                     prepare_h2(&mut req, &self.target);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(|b| ResponseBody::new(b, in_flight, None))),
+                        Ok(mut resp) => {
+                            if let Some(used) = used.take() {
+                                resp.extensions_mut().insert(used);
+                            }
+                            return Ok(resp.map(|b| ResponseBody::new(b, in_flight, None)));
+                        }
                         Err(e) => {
                             if e.message().is_some() {
                                 // Unsent means the connection takes no more streams (GOAWAY, closed):
@@ -377,19 +395,63 @@ impl Endpoint {
 
     /// TCP (+ TLS) + HTTP handshake within the connect timeout.
     async fn connect(&self, h2: bool) -> Result<Conn, BoxError> {
-        match tokio::time::timeout(self.connect_timeout, self.connect_inner(h2)).await {
+        match tokio::time::timeout(self.connect_timeout, self.connect_inner(h2, None)).await {
             Ok(result) => result,
             Err(_) => Err(format!("no connection within {:?}", self.connect_timeout).into()),
         }
     }
 
-    async fn connect_inner(&self, h2: bool) -> Result<Conn, BoxError> {
+    /// A new connection, not pooled by this call, whose details are written to `used` (traces).
+    async fn connect_recorded(
+        &self,
+        h2: bool,
+        used: &mut Option<crate::trace::UpstreamConn>,
+    ) -> Result<Conn, BoxError> {
+        let connect = self.connect_inner(h2, Some(used));
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no connection within {:?}", self.connect_timeout).into()),
+        }
+    }
+
+    async fn connect_inner(
+        &self,
+        h2: bool,
+        record: Option<&mut Option<crate::trace::UpstreamConn>>,
+    ) -> Result<Conn, BoxError> {
         let tcp = self.tcp_connect().await?;
+        // Recording costs a copy of the peer's chain: only for traced requests.
+        let recording = record.is_some();
+        let peer = record.as_ref().and_then(|_| tcp.peer_addr().ok());
+        let local = record.as_ref().and_then(|_| tcp.local_addr().ok());
+        let mut record = record;
+        let mut note =
+            |scheme: &'static str, http2: bool, tls: Option<crate::trace::UpstreamTls>| {
+                if let Some(slot) = record.as_deref_mut() {
+                    *slot = Some(crate::trace::UpstreamConn {
+                        local,
+                        peer,
+                        scheme,
+                        http: if http2 { "HTTP/2" } else { "HTTP/1.1" },
+                        tls,
+                    });
+                }
+            };
         match (self.target.protocol, &self.tls) {
             (Protocol::Https, Some(tls)) => {
                 let connector = if h2 { &tls.h2 } else { &tls.h1 };
                 let stream = connector.connect(tls.server_name.clone(), tcp).await?;
                 let alpn_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                note(
+                    "https",
+                    alpn_h2,
+                    recording.then(|| {
+                        crate::trace::UpstreamTls::of(
+                            stream.get_ref().1,
+                            tls.server_name.to_str().into_owned(),
+                        )
+                    }),
+                );
                 if alpn_h2 {
                     handshake_h2(stream).await
                 } else {
@@ -400,8 +462,19 @@ impl Endpoint {
                 }
             }
             (Protocol::Https, None) => Err("https server without TLS settings".into()),
-            (Protocol::H2c, _) if h2 => handshake_h2(tcp).await,
-            (Protocol::H2c | Protocol::Http1, _) => handshake_h1(tcp).await,
+            (Protocol::H2c, _) if h2 => {
+                note("h2c", true, None);
+                handshake_h2(tcp).await
+            }
+            (Protocol::H2c | Protocol::Http1, _) => {
+                let scheme = if self.target.protocol == Protocol::H2c {
+                    "h2c"
+                } else {
+                    "http"
+                };
+                note(scheme, false, None);
+                handshake_h1(tcp).await
+            }
         }
     }
 

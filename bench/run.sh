@@ -1,0 +1,423 @@
+#!/usr/bin/env bash
+# bench/run.sh: the Phoenix flow against nginx, HAProxy and Caddy on one machine, on loopback.
+#
+#   bench/run.sh                      # full run: 3 interleaved rounds of 10 s per figure (about 15 min)
+#   BENCH_QUICK=1 bench/run.sh        # 1 round of 3 s, 2 ACME issuances (about 3 min), for iterating
+#
+# It builds `cargo build --release -p phoenix`, then measures the same three-hop flow for every chain:
+#
+#   client --HTTPS--> gateway --HTTPS, verified against the internal root--> mesh --HTTP--> backend
+#
+#   chain     gateway          mesh             ports (gateway/mesh)
+#   nginx     nginx            nginx            18443 / 19443
+#   haproxy   haproxy          haproxy          38443 / 39443
+#   caddy     caddy            caddy            28443 / 29443
+#   phoenix   phoenix gateway  phoenix mesh     48443 / 49443
+#   direct    (none: wrk straight at the backend, the baseline)
+#
+# One backend for every chain: nginx (1 worker) returning a fixed 19-byte body on 127.0.0.1:18080;
+# `/sse` is routed by every mesh to `phoenix whoami` on 127.0.0.1:18001 for the SSE figure. Every chain
+# uses the same certificates, issued by `phoenix ca issue` (ECDSA P-256, root -> intermediate -> leaf),
+# verifies the mesh's certificate and name on the gateway -> mesh hop, keeps upstream connections
+# alive, adds X-Forwarded-For, and runs without an access log (none of the peers logs either).
+# Timeouts for a client that has not sent a request are 60 s everywhere (nginx's default).
+#
+# Figures (each the median over rounds; chains run one after the other within a round):
+#   ka        wrk -t1 -c$CONNS keep-alive: req/s, p50 and p99 latency
+#   close     wrk with `Connection: close`: one full TLS handshake per request, req/s
+#   h2        h2load -c$CONNS -m10 over HTTP/2 (ALPN h2), req/s
+#   cpu       CPU seconds (utime+stime from /proc/PID/stat, all processes of both hops) per 10 000
+#             requests of the keep-alive run
+#   peak      peak RSS (VmHWM) summed over the processes of both hops after the load runs
+#   idle      RSS of the gateway's processes holding $IDLE idle TLS connections (bench/idle_conns.py)
+#   sse       extra time to the first SSE event through the chain compared with the backend directly
+#             (bench/sse_ttfb.py: median of $SSE_SAMPLES, connection set-up excluded)
+#   acme      lego issuing one certificate (new account, order, http-01, finalize, download) against
+#             `phoenix ca serve` and against Caddy's `acme_server`, median of $ACME_RUNS
+#
+# Needs (Debian): nginx haproxy caddy wrk nghttp2-client lego python3 curl openssl, and root (it adds
+# the bench names to /etc/hosts and binds port 80 for http-01), and a hard `ulimit -n` above IDLE+1000.
+# Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS BENCH_DIR PHOENIX_BIN (skip the build).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ -n "${BENCH_QUICK:-}" ]; then
+  ROUNDS=${ROUNDS:-1}; SECS=${SECS:-3}; ACME_RUNS=${ACME_RUNS:-2}; SSE_SAMPLES=${SSE_SAMPLES:-20}
+fi
+ROUNDS=${ROUNDS:-3}; SECS=${SECS:-10}; CONNS=${CONNS:-50}; IDLE=${IDLE:-10000}
+SSE_SAMPLES=${SSE_SAMPLES:-40}; ACME_RUNS=${ACME_RUNS:-5}
+CHAINS=${CHAINS:-"direct nginx haproxy caddy phoenix"}
+W=${BENCH_DIR:-/tmp/phoenix-bench}
+HOST=app.bench.test
+TICK=$(getconf CLK_TCK)
+
+for tool in nginx haproxy caddy wrk h2load lego python3 curl; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install nginx haproxy caddy wrk nghttp2-client lego)" >&2; exit 1; }
+done
+# Every process started below inherits this: the gateway and the idle client need $IDLE descriptors.
+ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -gt $((IDLE + 1000)) ] \
+  || { echo "bench: ulimit -n is $(ulimit -n), too low for IDLE=$IDLE" >&2; exit 1; }
+grep -q " $HOST " /etc/hosts || echo "127.0.0.1 $HOST mesh.bench.test gateway.bench.test lego.bench.test acme.bench.test " >> /etc/hosts
+
+if [ -z "${PHOENIX_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release -p phoenix) || { echo "bench: release build failed" >&2; exit 1; }
+  PHOENIX_BIN=$ROOT/target/release/phoenix
+fi
+BIN=$PHOENIX_BIN
+
+rm -rf "$W"; mkdir -p "$W"; cd "$W"
+PIDS=()
+cleanup() {
+  for f in nginx-*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# --------------------------------------------------------------------------------------------------
+# PKI: one phoenix CA; leaves for the gateway name and the mesh name, used by every chain.
+# The topology file is also the phoenix chain's configuration.
+cat > phoenix.toml <<EOF
+domain = "bench.test"
+[ca]
+listen = "127.0.0.1:47000"
+data_dir = "ca"
+domains = ["bench.test"]
+networks = ["127.0.0.0/8"]
+[ca.acme]
+http01_port = 80
+[ca.acme.resolve]
+"lego.bench.test" = "127.0.0.1"
+[gateway]
+listen = "127.0.0.1:48443"
+admin_listen = "127.0.0.1:49902"
+mesh = "https://127.0.0.1:49443"
+mesh_name = "mesh.bench.test"
+ca_root = "ca/root.pem"
+tls_cert = "pki/gw/cert.pem"
+tls_key = "pki/gw/key.pem"
+trusted_proxies = ["127.0.0.1/32"]
+access_log = false
+[gateway.limits]
+header_read_timeout = "60s"
+max_connections = 20000
+[mesh]
+listen = "127.0.0.1:49443"
+admin_listen = "127.0.0.1:49901"
+name = "mesh.bench.test"
+tls_cert = "pki/mesh/cert.pem"
+tls_key = "pki/mesh/key.pem"
+ca_root = "ca/root.pem"
+trusted_proxies = ["127.0.0.1/32"]
+plaintext_networks = ["127.0.0.0/8"]
+access_log = false
+[mesh.limits]
+header_read_timeout = "60s"
+max_connections = 20000
+[[service]]
+name = "app"
+servers = ["http://127.0.0.1:18080"]
+[[service]]
+name = "sse"
+servers = ["http://127.0.0.1:18001"]
+[[route]]
+rule = "Host(\`$HOST\`) && PathPrefix(\`/sse\`)"
+service = "sse"
+EOF
+"$BIN" ca init --config phoenix.toml >/dev/null || { echo "bench: phoenix ca init failed" >&2; exit 1; }
+"$BIN" ca issue --config phoenix.toml --name $HOST --name gateway.bench.test --out pki/gw >/dev/null
+"$BIN" ca issue --config phoenix.toml --name mesh.bench.test --out pki/mesh >/dev/null
+ROOTPEM=$W/ca/root.pem
+for n in gw mesh; do cat pki/$n/cert.pem pki/$n/key.pem > pki/$n/combined.pem; done
+
+# --------------------------------------------------------------------------------------------------
+# The shared backends.
+cat > backend.conf <<EOF
+worker_processes 1; pid $W/nginx-b.pid; error_log $W/b.err; daemon on; worker_rlimit_nofile 20000;
+events { worker_connections 20000; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:18080 reuseport backlog=4096; location / { return 200 "hello from backend\n"; } } }
+EOF
+nginx -c "$W/backend.conf" -p "$W" 2>/dev/null
+PHOENIX_LOG=warn "$BIN" whoami --listen 127.0.0.1:18001 --name sse >whoami.log 2>&1 & PIDS+=($!)
+
+# --------------------------------------------------------------------------------------------------
+# Chains. start_X sets PORT and the pid lists CHAIN_PIDS (both hops) and GW_PIDS (gateway only).
+nginx_pids() { local m; m=$(cat "$W/$1" 2>/dev/null) || return 0; echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
+
+start_nginx() {
+  local common="worker_processes auto; daemon on; worker_rlimit_nofile 20000;
+events { worker_connections 20000; }"
+  local proxy="proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;"
+  cat > gw.conf <<EOF
+$common pid $W/nginx-g.pid; error_log $W/g.err;
+http { access_log off; keepalive_requests 1000000; client_header_timeout 60s;
+  upstream mesh { server 127.0.0.1:19443; keepalive 128; }
+  server { listen 127.0.0.1:18443 ssl http2 backlog=4096; ssl_certificate $W/pki/gw/cert.pem; ssl_certificate_key $W/pki/gw/key.pem;
+    location / { proxy_pass https://mesh; $proxy proxy_set_header X-Forwarded-Proto https;
+      proxy_ssl_verify on; proxy_ssl_trusted_certificate $ROOTPEM; proxy_ssl_name mesh.bench.test;
+      proxy_ssl_server_name on; proxy_ssl_session_reuse on; }
+    location /sse { proxy_pass https://mesh; $proxy proxy_buffering off;
+      proxy_ssl_verify on; proxy_ssl_trusted_certificate $ROOTPEM; proxy_ssl_name mesh.bench.test;
+      proxy_ssl_server_name on; proxy_ssl_session_reuse on; } } }
+EOF
+  cat > mesh.conf <<EOF
+$common pid $W/nginx-m.pid; error_log $W/m.err;
+http { access_log off; keepalive_requests 1000000; client_header_timeout 60s;
+  upstream be { server 127.0.0.1:18080; keepalive 128; }
+  upstream sse { server 127.0.0.1:18001; keepalive 16; }
+  server { listen 127.0.0.1:19443 ssl backlog=4096; ssl_certificate $W/pki/mesh/cert.pem; ssl_certificate_key $W/pki/mesh/key.pem;
+    location / { proxy_pass http://be; $proxy }
+    location /sse { proxy_pass http://sse; $proxy proxy_buffering off; } } }
+EOF
+  nginx -c "$W/gw.conf" -p "$W" 2>/dev/null; nginx -c "$W/mesh.conf" -p "$W" 2>/dev/null
+  PORT=18443
+}
+stop_nginx() { kill "$(cat nginx-g.pid)" "$(cat nginx-m.pid)" 2>/dev/null; sleep 0.5; rm -f nginx-g.pid nginx-m.pid; }
+pids_nginx() { CHAIN_PIDS="$(nginx_pids nginx-g.pid) $(nginx_pids nginx-m.pid)"; GW_PIDS=$(nginx_pids nginx-g.pid); }
+
+start_haproxy() {
+  cat > hg.cfg <<EOF
+global
+  maxconn 10500
+  no strict-limits
+  nbthread 2
+  ssl-server-verify required
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend gw
+  bind 127.0.0.1:38443 ssl crt $W/pki/gw/combined.pem alpn h2,http/1.1
+  http-request set-header X-Forwarded-Proto https
+  option forwardfor
+  default_backend mesh
+backend mesh
+  http-reuse always
+  server m1 127.0.0.1:39443 ssl verify required ca-file $ROOTPEM sni str(mesh.bench.test) verifyhost mesh.bench.test
+EOF
+  cat > hm.cfg <<EOF
+global
+  maxconn 10500
+  no strict-limits
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend mesh
+  bind 127.0.0.1:39443 ssl crt $W/pki/mesh/combined.pem
+  option forwardfor
+  use_backend sse if { path_beg /sse }
+  default_backend be
+backend be
+  http-reuse always
+  server b1 127.0.0.1:18080
+backend sse
+  http-reuse always
+  server s1 127.0.0.1:18001
+EOF
+  haproxy -f hg.cfg >hg.log 2>&1 & HP1=$!
+  haproxy -f hm.cfg >hm.log 2>&1 & HP2=$!
+  PORT=38443
+}
+stop_haproxy() { kill $HP1 $HP2 2>/dev/null; wait $HP1 $HP2 2>/dev/null || true; }
+pids_haproxy() { CHAIN_PIDS="$HP1 $HP2"; GW_PIDS=$HP1; }
+
+start_caddy() {
+  cat > gw.Caddyfile <<EOF
+{
+	admin off
+	auto_https off
+	default_sni $HOST
+}
+https://:28443 {
+	bind 127.0.0.1
+	tls $W/pki/gw/cert.pem $W/pki/gw/key.pem
+	reverse_proxy https://127.0.0.1:29443 {
+		transport http {
+			tls_trusted_ca_certs $ROOTPEM
+			tls_server_name mesh.bench.test
+		}
+	}
+}
+EOF
+  cat > mesh.Caddyfile <<EOF
+{
+	admin off
+	auto_https off
+	default_sni mesh.bench.test
+}
+https://:29443 {
+	bind 127.0.0.1
+	tls $W/pki/mesh/cert.pem $W/pki/mesh/key.pem
+	reverse_proxy /sse* 127.0.0.1:18001
+	reverse_proxy 127.0.0.1:18080
+}
+EOF
+  HOME=$W caddy run --adapter caddyfile --config gw.Caddyfile >caddy-g.log 2>&1 & CP1=$!
+  HOME=$W caddy run --adapter caddyfile --config mesh.Caddyfile >caddy-m.log 2>&1 & CP2=$!
+  PORT=28443
+}
+stop_caddy() { kill $CP1 $CP2 2>/dev/null; wait $CP1 $CP2 2>/dev/null || true; }
+pids_caddy() { CHAIN_PIDS="$CP1 $CP2"; GW_PIDS=$CP1; }
+
+start_phoenix() {
+  PHOENIX_LOG=warn "$BIN" mesh --config phoenix.toml >phoenix-m.log 2>&1 & PM=$!
+  PHOENIX_LOG=warn "$BIN" gateway --config phoenix.toml >phoenix-g.log 2>&1 & PG=$!
+  PORT=48443
+}
+stop_phoenix() { kill $PG $PM 2>/dev/null; wait $PG $PM 2>/dev/null || true; }
+pids_phoenix() { CHAIN_PIDS="$PG $PM"; GW_PIDS=$PG; }
+
+start_direct() { PORT=18080; }
+stop_direct() { :; }
+pids_direct() { CHAIN_PIDS=$(nginx_pids nginx-b.pid); GW_PIDS=$CHAIN_PIDS; }
+
+# --------------------------------------------------------------------------------------------------
+# Measurements.
+url() { if [ "$1" = direct ]; then echo "http://$HOST:$PORT/"; else echo "https://$HOST:$PORT/"; fi; }
+cpu_ticks() { local t=0 p; for p in $1; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+kb_sum() { local t=0 p v; for p in $2; do v=$(awk -v k="$1:" '$1==k{print $2}' /proc/$p/status 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
+to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} else print "nan" }'; }
+
+declare -A R   # R[chain.metric] = "v1 v2 ..." one value per round
+add() { R[$1.$2]+="$3 "; }
+
+measure() { # chain
+  local c=$1 out reqs t0 t1
+  wrk -t1 -c"$CONNS" -d1s "$(url "$c")" >/dev/null 2>&1 || true   # warm-up: pools, caches
+  t0=$(cpu_ticks "$CHAIN_PIDS")
+  out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$(url "$c")")
+  t1=$(cpu_ticks "$CHAIN_PIDS")
+  echo "$out" > "wrk-ka-$c.out"
+  reqs=$(echo "$out" | awk '/requests in/{print $1}')
+  add "$c" ka "$(echo "$out" | awk '/Requests\/sec/{print $2}')"
+  add "$c" p50 "$(to_ms "$(echo "$out" | awk '$1=="50%"{print $2}')")"
+  add "$c" p99 "$(to_ms "$(echo "$out" | awk '$1=="99%"{print $2}')")"
+  add "$c" cpu "$(awk -v t=$((t1 - t0)) -v hz="$TICK" -v n="$reqs" 'BEGIN{printf "%.3f", t/hz/n*10000}')"
+  echo "$out" | grep -E "Non-2xx|Socket errors" | sed "s/^/  $c keep-alive: /" >&2 || true
+
+  out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "$(url "$c")")
+  echo "$out" > "wrk-close-$c.out"
+  add "$c" close "$(echo "$out" | awk '/Requests\/sec/{print $2}')"
+
+  if [ "$c" != direct ]; then
+    out=$(h2load -c"$CONNS" -m10 -t1 -D"$SECS" "$(url "$c")" 2>&1)
+    echo "$out" > "h2load-$c.out"
+    add "$c" h2 "$(echo "$out" | awk '/^finished in/{print $4}')"
+    echo "$out" | awk '/^requests:/ && ($10 != 0 || $12 != 0) {print "  '"$c"' h2: " $0}' >&2
+  fi
+  add "$c" peak "$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))"
+
+  if [ "$c" != direct ]; then
+    local fifo=idle.out ready
+    rm -f $fifo
+    python3 "$ROOT/bench/idle_conns.py" 127.0.0.1 "$PORT" $HOST "$IDLE" 100 120 > $fifo 2>idle.err </dev/null & local ip=$!
+    for _ in $(seq 1 600); do ready=$(cat $fifo 2>/dev/null); [ -n "$ready" ] && break; sleep 0.2; done
+    sleep 1
+    pids_$c   # nginx workers may have changed; re-read
+    add "$c" idle "$(( $(kb_sum VmRSS "$GW_PIDS") / 1024 ))"
+    [ "${ready:-}" = "ready $IDLE 0" ] || echo "  $c idle: ${ready:-no answer} (opened, failed)" >&2
+    kill $ip 2>/dev/null || true; wait $ip 2>/dev/null || true
+    add "$c" sse "$(python3 "$ROOT/bench/sse_ttfb.py" "https://$HOST:$PORT/sse?count=2&interval=100" "$SSE_SAMPLES" "$ROOTPEM" | awk '{print $1}')"
+  else
+    add "$c" sse "$(python3 "$ROOT/bench/sse_ttfb.py" "http://$HOST:18001/sse?count=2&interval=100" "$SSE_SAMPLES" | awk '{print $1}')"
+  fi
+}
+
+wait_chain() { # chain: the chain answers through every hop
+  local c=$1
+  for _ in $(seq 1 100); do
+    if curl -s --max-time 2 --cacert "$ROOTPEM" "$(url "$c")" 2>/dev/null | grep -q "hello from backend"; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench: chain $c does not answer on $PORT" >&2; return 1
+}
+
+echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] dir=$W" >&2
+for r in $(seq 1 "$ROUNDS"); do
+  for c in $CHAINS; do
+    echo "round $r: $c" >&2
+    start_$c
+    if wait_chain "$c"; then pids_$c; measure "$c"; fi
+    stop_$c; sleep 0.5
+  done
+done
+
+# --------------------------------------------------------------------------------------------------
+# ACME issuance with lego: phoenix CA and Caddy's acme_server, interleaved. lego answers http-01 on
+# 127.0.0.1:80; both CAs resolve lego.bench.test to 127.0.0.1 (phoenix from [ca.acme.resolve], Caddy
+# from /etc/hosts).
+cat > acme.Caddyfile <<EOF
+{
+	admin off
+	skip_install_trust
+	auto_https disable_redirects
+	storage file_system $W/caddy-acme
+}
+https://acme.bench.test:27000 {
+	bind 127.0.0.1
+	tls internal
+	acme_server
+}
+EOF
+PHOENIX_LOG=warn "$BIN" ca serve --config phoenix.toml >phoenix-ca.log 2>&1 & PCA=$!; PIDS+=($PCA)
+HOME=$W caddy run --adapter caddyfile --config acme.Caddyfile >caddy-acme.log 2>&1 & CCA=$!; PIDS+=($CCA)
+for _ in $(seq 1 100); do
+  curl -s --cacert "$ROOTPEM" https://127.0.0.1:47000/acme/directory >/dev/null 2>&1 \
+    && [ -f "$W/caddy-acme/pki/authorities/local/root.crt" ] \
+    && curl -s --cacert "$W/caddy-acme/pki/authorities/local/root.crt" https://acme.bench.test:27000/acme/local/directory >/dev/null 2>&1 && break
+  sleep 0.2
+done
+lego_once() { # name ca-file directory-url -> seconds
+  local d=$W/lego-$1-$RANDOM t0 t1
+  t0=$(date +%s.%N)
+  LEGO_CA_CERTIFICATES=$2 lego --server "$3" --path "$d" --accept-tos --email bench@bench.test \
+    --domains lego.bench.test --http --http.port 127.0.0.1:80 --key-type ec256 run >"$d.log" 2>&1 \
+    || { echo "  lego against $1 failed: $(tail -3 "$d.log")" >&2; echo nan; return; }
+  t1=$(date +%s.%N)
+  awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}'
+}
+for i in $(seq 1 "$ACME_RUNS"); do
+  add phoenix acme "$(lego_once phoenix "$ROOTPEM" https://127.0.0.1:47000/acme/directory)"
+  add caddy acme "$(lego_once caddy "$W/caddy-acme/pki/authorities/local/root.crt" https://acme.bench.test:27000/acme/local/directory)"
+done
+kill $PCA $CCA 2>/dev/null || true
+
+# --------------------------------------------------------------------------------------------------
+# Report: medians, and ratios to nginx.
+med() { tr ' ' '\n' | sed '/^$/d;/nan/d' | sort -g | awk '{a[NR]=$1} END{if(NR==0){print "-"} else if(NR%2){print a[(NR+1)/2]} else {print (a[NR/2]+a[NR/2+1])/2}}'; }
+M() { echo "${R[$1.$2]:-}" | med; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="-" || b=="-" || b==0) print "-"; else printf "%.2f", a/b }'; }
+sse_direct=$(M direct sse)
+extra() { awk -v a="$1" -v b="$sse_direct" 'BEGIN{ if (a=="-" || b=="-") print "-"; else printf "%.0f", a-b }'; }
+
+{
+echo "Rounds: $ROUNDS x ${SECS}s, $CONNS connections (wrk -t1, h2load -t1 -m10), $IDLE idle connections, $SSE_SAMPLES SSE samples, $ACME_RUNS ACME issuances."
+echo
+echo "| chain | keep-alive req/s | p50 ms | p99 ms | close req/s | h2 req/s | CPU s/10k req | peak RSS MB | RSS with $IDLE idle MB | SSE extra first byte µs | lego issuance s |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+for c in $CHAINS; do
+  sse=$(M "$c" sse); [ "$c" != direct ] && sse=$(extra "$sse") || sse="($sse abs.)"
+  echo "| $c | $(M "$c" ka) | $(M "$c" p50) | $(M "$c" p99) | $(M "$c" close) | $(M "$c" h2) | $(M "$c" cpu) | $(M "$c" peak) | $(M "$c" idle) | $sse | $(M "$c" acme) |"
+done
+echo
+echo "Ratios to nginx (higher is better for req/s; lower is better for the others):"
+echo
+echo "| chain | keep-alive req/s | p99 | close req/s | h2 req/s | CPU/req | RSS idle |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for c in $CHAINS; do
+  [ "$c" = direct ] && continue
+  echo "| $c | $(ratio "$(M "$c" ka)" "$(M nginx ka)") | $(ratio "$(M "$c" p99)" "$(M nginx p99)") | $(ratio "$(M "$c" close)" "$(M nginx close)") | $(ratio "$(M "$c" h2)" "$(M nginx h2)") | $(ratio "$(M "$c" cpu)" "$(M nginx cpu)") | $(ratio "$(M "$c" idle)" "$(M nginx idle)") |"
+done
+echo
+echo "Per-round values:"
+for k in $(printf '%s\n' "${!R[@]}" | sort); do echo "  $k: ${R[$k]}"; done
+} | tee "$W/results.md"
