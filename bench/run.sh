@@ -10,9 +10,9 @@
 #
 #   chain     gateway          mesh             ports (gateway/mesh)
 #   nginx     nginx            nginx            18443 / 19443
-#   haproxy   haproxy          haproxy          38443 / 39443
+#   haproxy   haproxy          haproxy          14443 / 15443
 #   caddy     caddy            caddy            28443 / 29443
-#   phoenix   phoenix gateway  phoenix mesh     48443 / 49443
+#   phoenix   phoenix gateway  phoenix mesh     24443 / 25443
 #   direct    (none: wrk straight at the backend, the baseline)
 #
 # One backend for every chain: nginx (1 worker) returning a fixed 19-byte body on 127.0.0.1:18080;
@@ -20,7 +20,9 @@
 # uses the same certificates, issued by `phoenix ca issue` (ECDSA P-256, root -> intermediate -> leaf),
 # verifies the mesh's certificate and name on the gateway -> mesh hop, keeps upstream connections
 # alive, adds X-Forwarded-For, and runs without an access log (none of the peers logs either).
-# Timeouts for a client that has not sent a request are 60 s everywhere (nginx's default).
+# Timeouts for a client that has not sent a request are 60 s everywhere (nginx's default). Every
+# listener offers TLS 1.2 and 1.3, so every chain negotiates TLS 1.3 with the clients (nginx 1.22
+# enables only up to TLS 1.2 unless told; `ssl_protocols` says so, as nginx >= 1.23.4 does by default).
 #
 # Figures (each the median over rounds; chains run one after the other within a round):
 #   ka        wrk -t1 -c$CONNS keep-alive: req/s, p50 and p99 latency
@@ -81,7 +83,7 @@ trap cleanup EXIT
 cat > phoenix.toml <<EOF
 domain = "bench.test"
 [ca]
-listen = "127.0.0.1:47000"
+listen = "127.0.0.1:24000"
 data_dir = "ca"
 domains = ["bench.test"]
 networks = ["127.0.0.0/8"]
@@ -90,9 +92,9 @@ http01_port = 80
 [ca.acme.resolve]
 "lego.bench.test" = "127.0.0.1"
 [gateway]
-listen = "127.0.0.1:48443"
-admin_listen = "127.0.0.1:49902"
-mesh = "https://127.0.0.1:49443"
+listen = "127.0.0.1:24443"
+admin_listen = "127.0.0.1:24902"
+mesh = "https://127.0.0.1:25443"
 mesh_name = "mesh.bench.test"
 ca_root = "ca/root.pem"
 tls_cert = "pki/gw/cert.pem"
@@ -103,8 +105,8 @@ access_log = false
 header_read_timeout = "60s"
 max_connections = 20000
 [mesh]
-listen = "127.0.0.1:49443"
-admin_listen = "127.0.0.1:49901"
+listen = "127.0.0.1:25443"
+admin_listen = "127.0.0.1:24901"
 name = "mesh.bench.test"
 tls_cert = "pki/mesh/cert.pem"
 tls_key = "pki/mesh/key.pem"
@@ -155,7 +157,7 @@ events { worker_connections 20000; }"
 $common pid $W/nginx-g.pid; error_log $W/g.err;
 http { access_log off; keepalive_requests 1000000; client_header_timeout 60s;
   upstream mesh { server 127.0.0.1:19443; keepalive 128; }
-  server { listen 127.0.0.1:18443 ssl http2 backlog=4096; ssl_certificate $W/pki/gw/cert.pem; ssl_certificate_key $W/pki/gw/key.pem;
+  server { listen 127.0.0.1:18443 ssl http2 backlog=4096; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate $W/pki/gw/cert.pem; ssl_certificate_key $W/pki/gw/key.pem;
     location / { proxy_pass https://mesh; $proxy proxy_set_header X-Forwarded-Proto https;
       proxy_ssl_verify on; proxy_ssl_trusted_certificate $ROOTPEM; proxy_ssl_name mesh.bench.test;
       proxy_ssl_server_name on; proxy_ssl_session_reuse on; }
@@ -168,7 +170,7 @@ $common pid $W/nginx-m.pid; error_log $W/m.err;
 http { access_log off; keepalive_requests 1000000; client_header_timeout 60s;
   upstream be { server 127.0.0.1:18080; keepalive 128; }
   upstream sse { server 127.0.0.1:18001; keepalive 16; }
-  server { listen 127.0.0.1:19443 ssl backlog=4096; ssl_certificate $W/pki/mesh/cert.pem; ssl_certificate_key $W/pki/mesh/key.pem;
+  server { listen 127.0.0.1:19443 ssl backlog=4096; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate $W/pki/mesh/cert.pem; ssl_certificate_key $W/pki/mesh/key.pem;
     location / { proxy_pass http://be; $proxy }
     location /sse { proxy_pass http://sse; $proxy proxy_buffering off; } } }
 EOF
@@ -192,13 +194,13 @@ defaults
   timeout server 60s
   option http-keep-alive
 frontend gw
-  bind 127.0.0.1:38443 ssl crt $W/pki/gw/combined.pem alpn h2,http/1.1
+  bind 127.0.0.1:14443 ssl crt $W/pki/gw/combined.pem alpn h2,http/1.1
   http-request set-header X-Forwarded-Proto https
   option forwardfor
   default_backend mesh
 backend mesh
   http-reuse always
-  server m1 127.0.0.1:39443 ssl verify required ca-file $ROOTPEM sni str(mesh.bench.test) verifyhost mesh.bench.test
+  server m1 127.0.0.1:15443 ssl verify required ca-file $ROOTPEM sni str(mesh.bench.test) verifyhost mesh.bench.test
 EOF
   cat > hm.cfg <<EOF
 global
@@ -212,7 +214,7 @@ defaults
   timeout server 60s
   option http-keep-alive
 frontend mesh
-  bind 127.0.0.1:39443 ssl crt $W/pki/mesh/combined.pem
+  bind 127.0.0.1:15443 ssl crt $W/pki/mesh/combined.pem
   option forwardfor
   use_backend sse if { path_beg /sse }
   default_backend be
@@ -225,7 +227,7 @@ backend sse
 EOF
   haproxy -f hg.cfg >hg.log 2>&1 & HP1=$!
   haproxy -f hm.cfg >hm.log 2>&1 & HP2=$!
-  PORT=38443
+  PORT=14443
 }
 stop_haproxy() { kill $HP1 $HP2 2>/dev/null; wait $HP1 $HP2 2>/dev/null || true; }
 pids_haproxy() { CHAIN_PIDS="$HP1 $HP2"; GW_PIDS=$HP1; }
@@ -271,7 +273,7 @@ pids_caddy() { CHAIN_PIDS="$CP1 $CP2"; GW_PIDS=$CP1; }
 start_phoenix() {
   PHOENIX_LOG=warn "$BIN" mesh --config phoenix.toml >phoenix-m.log 2>&1 & PM=$!
   PHOENIX_LOG=warn "$BIN" gateway --config phoenix.toml >phoenix-g.log 2>&1 & PG=$!
-  PORT=48443
+  PORT=24443
 }
 stop_phoenix() { kill $PG $PM 2>/dev/null; wait $PG $PM 2>/dev/null || true; }
 pids_phoenix() { CHAIN_PIDS="$PG $PM"; GW_PIDS=$PG; }
@@ -371,7 +373,7 @@ EOF
 PHOENIX_LOG=warn "$BIN" ca serve --config phoenix.toml >phoenix-ca.log 2>&1 & PCA=$!; PIDS+=($PCA)
 HOME=$W caddy run --adapter caddyfile --config acme.Caddyfile >caddy-acme.log 2>&1 & CCA=$!; PIDS+=($CCA)
 for _ in $(seq 1 100); do
-  curl -s --cacert "$ROOTPEM" https://127.0.0.1:47000/acme/directory >/dev/null 2>&1 \
+  curl -s --cacert "$ROOTPEM" https://127.0.0.1:24000/acme/directory >/dev/null 2>&1 \
     && [ -f "$W/caddy-acme/pki/authorities/local/root.crt" ] \
     && curl -s --cacert "$W/caddy-acme/pki/authorities/local/root.crt" https://acme.bench.test:27000/acme/local/directory >/dev/null 2>&1 && break
   sleep 0.2
@@ -386,7 +388,7 @@ lego_once() { # name ca-file directory-url -> seconds
   awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}'
 }
 for i in $(seq 1 "$ACME_RUNS"); do
-  add phoenix acme "$(lego_once phoenix "$ROOTPEM" https://127.0.0.1:47000/acme/directory)"
+  add phoenix acme "$(lego_once phoenix "$ROOTPEM" https://127.0.0.1:24000/acme/directory)"
   add caddy acme "$(lego_once caddy "$W/caddy-acme/pki/authorities/local/root.crt" https://acme.bench.test:27000/acme/local/directory)"
 done
 kill $PCA $CCA 2>/dev/null || true

@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
     );
     if let Some(jwk) = &parsed.protected.jwk {
         let _ = jwk.thumbprint();
-        let _ = jwk.verify(&parsed.protected.alg, &parsed.signing_input, &parsed.signature);
+        let _ = jwk.verify(
+            &parsed.protected.alg,
+            &parsed.signing_input,
+            &parsed.signature,
+        );
     }
     let _ = jws::verify_hmac(
         &parsed.protected.alg,

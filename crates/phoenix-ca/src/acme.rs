@@ -1238,9 +1238,12 @@ async fn challenge(
             Ok::<_, Problem>(a)
         })?
     };
-    if start {
+    let a = if start {
         crate::validation::spawn_validation(&s, &authz_id, &kind);
-    }
+        settled_authz(&s, &authz_id, a).await
+    } else {
+        a
+    };
     let c = a
         .challenges
         .iter()
@@ -1261,6 +1264,33 @@ async fn challenge(
         retry_after(&mut resp);
     }
     Ok(resp)
+}
+
+/// How long a challenge POST waits for the validation it started before answering. A validation
+/// of a reachable client takes a few milliseconds; answering with its outcome spares the client
+/// a poll, and clients such as lego wait a whole `Retry-After` (1 s) before their first poll.
+/// A slow or retried validation is still answered `processing` with `Retry-After`.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+const SETTLE_STEP: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The authorization once its challenge left `processing`, or as it is after [`SETTLE_WAIT`].
+async fn settled_authz(s: &AcmeState, authz_id: &str, current: AuthzRec) -> AuthzRec {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    let mut latest = current;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(SETTLE_STEP).await;
+        match s.store.get::<AuthzRec>(authz_id) {
+            Ok(Some(a)) => {
+                let done = !a.challenges.iter().any(|c| c.status == Status::Processing);
+                latest = a;
+                if done {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    latest
 }
 
 // ---- certificates, revocation, renewal information ------------------------------------------

@@ -396,10 +396,7 @@ impl Proxy {
                 } else if malformed.load(Ordering::Relaxed) {
                     // The client's body broke (bad chunk size, connection cut): the client's
                     // fault, not the upstream's, and the rest of its byte stream is not trusted.
-                    (
-                        StatusCode::BAD_REQUEST,
-                        "malformed request body".to_owned(),
-                    )
+                    (StatusCode::BAD_REQUEST, "malformed request body".to_owned())
                 } else if error.is_timeout() {
                     (StatusCode::GATEWAY_TIMEOUT, "upstream timeout".to_owned())
                 } else {

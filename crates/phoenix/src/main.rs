@@ -13,6 +13,12 @@ mod trace;
 mod trust;
 mod up;
 
+/// mimalloc instead of glibc malloc: the proxy path allocates and frees many small, short-lived
+/// buffers on two runtimes' worker threads, and glibc's arenas spent about 13% of the proxy's cycles
+/// on it in `bench/run.sh` profiles (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
