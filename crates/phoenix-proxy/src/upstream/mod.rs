@@ -342,7 +342,9 @@ impl Service {
             self.start_reaper();
         }
         let mut last = None;
-        match tokio::time::timeout(self.timeout, self.send_with_retries(req, &mut last)).await {
+        // Boxed so that wrapping it in the timeout moves a pointer, not the attempt's state machine.
+        let attempts = Box::pin(self.send_with_retries(req, &mut last));
+        match tokio::time::timeout(self.timeout, attempts).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
                 server: last.map_or_else(
