@@ -74,13 +74,21 @@ fn cipher_of(text: &str) -> String {
         .to_owned()
 }
 
+/// Role, port, SNI name (none for the CA, reached by IP) and client certificate to present.
+type Listener<'a> = (
+    &'a str,
+    u16,
+    Option<&'a str>,
+    Option<(&'a PathBuf, &'a PathBuf)>,
+);
+
 #[test]
 fn listeners_offer_only_tls12_and_tls13_with_aead_suites_and_complete_chains() {
     let flow = Flow::start("warn");
     let root = flow.root();
     let gw_dir = flow.dir.join(".phoenix/gateway");
     let client = (gw_dir.join("cert.pem"), gw_dir.join("key.pem"));
-    let listeners: [(&str, u16, Option<&str>, Option<(&PathBuf, &PathBuf)>); 3] = [
+    let listeners: [Listener; 3] = [
         ("gateway", flow.ports.gw, Some("app.phoenix.test"), None),
         // The mesh requires a client certificate: the gateway's own.
         (
