@@ -16,10 +16,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::CertsError;
@@ -260,18 +260,14 @@ struct Fetched {
 /// GETs `/roots.pem` over a TLS connection whose server certificate is NOT verified yet, and
 /// returns the body together with the chain that very connection presented.
 async fn fetch_provisionally(target: &CaTarget) -> Result<Fetched, String> {
-    let provider = provider();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(DangerousProvisionalVerifier { provider }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // DANGEROUS on its own: nothing from this connection is believed until the chain it presented
+    // has been verified against the fingerprint-checked root (see the module documentation).
+    // Handshake signatures are still verified, so the chain belongs to the peer holding its key.
+    let config = phoenix_proxy::tls::dangerous_insecure_client_config(&[b"http/1.1"]);
     let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(target.server_name.clone(), tcp)
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
@@ -322,62 +318,6 @@ fn provider() -> Arc<CryptoProvider> {
         .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
 }
 
-/// Accepts any server certificate for the one `/roots.pem` request of a fingerprint bootstrap.
-/// DANGEROUS on its own: its only caller believes nothing from the connection until the
-/// presented chain has been verified against the fingerprint-checked root (see the module
-/// documentation). Handshake signatures are still verified, so the presented chain really
-/// belongs to the peer that holds its key.
-#[derive(Debug)]
-struct DangerousProvisionalVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for DangerousProvisionalVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
 
 pub(crate) fn pem_encode_certificate(der: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
