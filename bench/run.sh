@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh: the Phoenix flow against nginx, HAProxy and Caddy on one machine, on loopback.
 #
-#   bench/run.sh                      # full run: 3 interleaved rounds of 10 s per figure (about 15 min)
+#   bench/run.sh                      # full run: 3 interleaved rounds of 10 s per figure (about 15 min + build)
 #   BENCH_QUICK=1 bench/run.sh        # 1 round of 3 s, 2 ACME issuances (about 3 min), for iterating
 #
 # It builds `cargo build --release -p phoenix`, then measures the same three-hop flow for every chain:

@@ -14,8 +14,8 @@ mod trust;
 mod up;
 
 /// mimalloc instead of glibc malloc: the proxy path allocates and frees many small, short-lived
-/// buffers on two runtimes' worker threads, and glibc's arenas spent about 13% of the proxy's cycles
-/// on it in `bench/run.sh` profiles (docs/BENCHMARKS.md).
+/// buffers on every worker thread of the runtime, and glibc malloc took about 13% of the proxies'
+/// cycles in `bench/run.sh` profiles (docs/BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
