@@ -3,7 +3,7 @@
 //! while the mesh is under load (the running configuration must keep serving every request).
 
 mod common;
-mod faults_support;
+mod flow_support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use faults_support::*;
+use flow_support::*;
 
 #[test]
 fn mesh_killed_and_restarted_the_gateway_reconnects_by_itself() {

@@ -2,250 +2,21 @@
 //! over ACME: client --HTTPS--> gateway --HTTPS (mTLS)--> mesh --HTTP--> whoami.
 
 mod common;
+mod flow_support;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct Ports {
-    ca: u16,
-    gw: u16,
-    gw_http: u16,
-    gw_admin: u16,
-    mesh: u16,
-    mesh_admin: u16,
-    backend: u16,
-}
-
-impl Ports {
-    fn new() -> Ports {
-        Ports {
-            ca: free_port(),
-            gw: free_port(),
-            gw_http: free_port(),
-            gw_admin: free_port(),
-            mesh: free_port(),
-            mesh_admin: free_port(),
-            backend: free_port(),
-        }
-    }
-}
-
-fn topology(p: &Ports, leaf_lifetime: &str) -> String {
-    format!(
-        r#"domain = "phoenix.test"
-[ca]
-listen = "127.0.0.1:{ca}"
-data_dir = "ca"
-domains = ["phoenix.test"]
-networks = ["127.0.0.0/8"]
-leaf_lifetime = "{leaf_lifetime}"
-[gateway]
-listen = "127.0.0.1:{gw}"
-http_listen = "127.0.0.1:{gw_http}"
-admin_listen = "127.0.0.1:{gw_admin}"
-ca_url = "https://127.0.0.1:{ca}"
-mesh = "https://127.0.0.1:{mesh}"
-mesh_name = "mesh.phoenix.test"
-mtls = true
-[mesh]
-listen = "127.0.0.1:{mesh}"
-admin_listen = "127.0.0.1:{mesh_admin}"
-name = "mesh.phoenix.test"
-ca_url = "https://127.0.0.1:{ca}"
-trusted_proxies = ["127.0.0.1/32"]
-plaintext_networks = ["127.0.0.0/8"]
-require_client_cert = true
-[[service]]
-name = "app"
-servers = ["http://127.0.0.1:{backend}"]
-"#,
-        ca = p.ca,
-        gw = p.gw,
-        gw_http = p.gw_http,
-        gw_admin = p.gw_admin,
-        mesh = p.mesh,
-        mesh_admin = p.mesh_admin,
-        backend = p.backend,
-    )
-}
-
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-struct Flow {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    config: PathBuf,
-    ports: Ports,
-    fingerprint: String,
-    ca: Option<Proc>,
-    mesh: Option<Proc>,
-    gateway: Option<Proc>,
-    _backend: Proc,
-}
-
-impl Flow {
-    fn start(leaf_lifetime: &str) -> Flow {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_owned();
-        let ports = Ports::new();
-        let config = dir.join("phoenix.toml");
-        std::fs::write(&config, topology(&ports, leaf_lifetime)).unwrap();
-        let mut init = phoenix();
-        init.args(["ca", "init", "--config"]).arg(&config);
-        let out = String::from_utf8(run_ok(init).stdout).unwrap();
-        let fingerprint = out
-            .lines()
-            .find_map(|l| l.strip_prefix("Root fingerprint (SHA-256): "))
-            .unwrap_or_else(|| panic!("no fingerprint in: {out}"))
-            .trim()
-            .to_owned();
-
-        let mut backend_cmd = phoenix();
-        backend_cmd.args([
-            "whoami",
-            "--listen",
-            &format!("127.0.0.1:{}", ports.backend),
-            "--name",
-            "backend",
-        ]);
-        let mut backend = Proc::start("whoami", backend_cmd, &dir);
-        wait_for_port(addr(ports.backend), &mut backend);
-
-        let mut flow = Flow {
-            _tmp: tmp,
-            dir,
-            config,
-            ports,
-            fingerprint,
-            ca: None,
-            mesh: None,
-            gateway: None,
-            _backend: backend,
-        };
-        flow.start_ca();
-        flow.start_mesh();
-        flow.start_gateway();
-        flow.wait_ok(Duration::from_secs(60));
-        flow
-    }
-
-    fn start_ca(&mut self) {
-        let mut cmd = phoenix();
-        cmd.args(["ca", "serve", "--config"]).arg(&self.config);
-        let mut p = Proc::start("ca", cmd, &self.dir);
-        wait_for_port(addr(self.ports.ca), &mut p);
-        self.ca = Some(p);
-    }
-
-    /// The mesh gets the fingerprint on the command line, the gateway from the environment: both
-    /// documented ways of bootstrapping trust.
-    fn start_mesh(&mut self) {
-        let mut cmd = phoenix();
-        cmd.args(["mesh", "--config"])
-            .arg(&self.config)
-            .args(["--ca-fingerprint", &self.fingerprint]);
-        let mut p = Proc::start("mesh", cmd, &self.dir);
-        wait_for_port(addr(self.ports.mesh), &mut p);
-        self.mesh = Some(p);
-    }
-
-    fn start_gateway(&mut self) {
-        let mut cmd = phoenix();
-        cmd.args(["gateway", "--config"])
-            .arg(&self.config)
-            .env("PHOENIX_CA_FINGERPRINT", &self.fingerprint);
-        let mut p = Proc::start("gateway", cmd, &self.dir);
-        wait_for_port(addr(self.ports.gw), &mut p);
-        self.gateway = Some(p);
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.join("ca/root.pem")
-    }
-
-    fn get(&self, path: &str, extra: &[&str]) -> (u16, String) {
-        curl(
-            &self.root(),
-            "app.phoenix.test",
-            addr(self.ports.gw),
-            path,
-            extra,
-        )
-    }
-
-    fn wait_ok(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let (status, body) = self.get("/", &[]);
-            if status == 200 {
-                return;
-            }
-            if Instant::now() > deadline {
-                let logs: Vec<String> = [&self.ca, &self.mesh, &self.gateway]
-                    .into_iter()
-                    .flatten()
-                    .map(|p| format!("---- {} ----\n{}", p.name, p.log()))
-                    .collect();
-                panic!(
-                    "the flow never answered 200 (last {status} {body}):\n{}",
-                    logs.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// Serial of the certificate a TLS listener presents for `name`, read with openssl s_client.
-    fn served_serial(
-        &self,
-        port: u16,
-        name: &str,
-        client_cert: Option<(&Path, &Path)>,
-    ) -> Option<String> {
-        let mut cmd = Command::new("openssl");
-        cmd.args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            name,
-            "-CAfile",
-        ])
-        .arg(self.root());
-        if let Some((c, k)) = client_cert {
-            cmd.arg("-cert").arg(c).arg("-key").arg(k);
-        }
-        let out = cmd.stdin(std::process::Stdio::null()).output().ok()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let begin = text.find("-----BEGIN CERTIFICATE-----")?;
-        let end = text.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
-        let pem = &text[begin..end];
-        let mut x = Command::new("openssl")
-            .args(["x509", "-noout", "-serial"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .ok()?;
-        use std::io::Write;
-        x.stdin.take()?.write_all(pem.as_bytes()).ok()?;
-        let out = x.wait_with_output().ok()?;
-        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-}
+use flow_support::*;
 
 #[test]
 fn client_reaches_backend_through_verified_hops() {
-    let flow = Flow::start("24h");
+    let flow = Flow::start("info");
 
     // A client on 127.0.0.2 trusting only root.pem: 200 from the backend, which sees the client's
     // address first in X-Forwarded-For (set by the gateway, kept by the mesh that trusts the gateway).
-    let (status, body) = flow.get("/hello", &["--interface", "127.0.0.2"]);
+    let (status, body) = flow.get_with("/hello", &["--interface", "127.0.0.2"]);
     assert_eq!(status, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["path"], "/hello");
@@ -254,7 +25,7 @@ fn client_reaches_backend_through_verified_hops() {
     assert_eq!(json["headers"]["x-forwarded-proto"][0], "https");
 
     // HTTP/2 from the client works too.
-    let (status, _) = flow.get("/", &["--http2"]);
+    let (status, _) = flow.get_with("/", &["--http2"]);
     assert_eq!(status, 200);
 
     // Every certificate chains to the root: the gateway's (checked by curl above) and the mesh's,
@@ -410,7 +181,7 @@ fn gateway_refuses_a_mesh_outside_the_root() {
 
 #[test]
 fn roles_renew_under_load_and_survive_the_ca_going_away() {
-    let mut flow = Flow::start("30s");
+    let mut flow = Flow::start_with("30s", "info");
     let gw_dir = flow.dir.join(".phoenix/gateway");
     let client_cert = (gw_dir.join("cert.pem"), gw_dir.join("key.pem"));
     let serials = |flow: &Flow| {
@@ -429,7 +200,7 @@ fn roles_renew_under_load_and_survive_the_ca_going_away() {
     // 30-second leaves renew at two thirds (~20 s): 50 s of load sees at least two renewals of each.
     let until = Instant::now() + Duration::from_secs(50);
     while Instant::now() < until {
-        let (status, body) = flow.get("/", &[]);
+        let (status, body) = flow.get("/");
         if status == 200 {
             ok += 1;
         } else {
@@ -456,7 +227,7 @@ fn roles_renew_under_load_and_survive_the_ca_going_away() {
     // The CA goes away: both roles keep serving.
     flow.ca.as_mut().unwrap().kill();
     for _ in 0..20 {
-        assert_eq!(flow.get("/", &[]).0, 200);
+        assert_eq!(flow.get("/").0, 200);
     }
     // A restart of either role with the CA down serves from the certificate on disk.
     let mut gw = flow.gateway.take().unwrap();

@@ -3,13 +3,13 @@
 //! `tls_insecure_skip_verify` is announced in the log at every start, not only the first.
 
 mod common;
-mod faults_support;
+mod flow_support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use faults_support::*;
+use flow_support::*;
 
 /// Every file under `dir` holding a PEM private key.
 fn key_files(dir: &Path) -> Vec<PathBuf> {

@@ -8,13 +8,13 @@
 //! request shows up well above that over 10 minutes; over 30 seconds only a gross one does.
 
 mod common;
-mod faults_support;
+mod flow_support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faults_support::*;
+use flow_support::*;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -5,12 +5,12 @@
 //! testssl.sh is `bench/testssl.sh`; its last result is summarised in docs/SECURITY.md.
 
 mod common;
-mod faults_support;
+mod flow_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use faults_support::*;
+use flow_support::*;
 
 /// One `openssl s_client` handshake; returns (handshake completed, output).
 fn s_client(

@@ -1,6 +1,7 @@
 //! The whole flow as separate `phoenix` processes on loopback (CA, mesh, gateway, whoami), every
-//! certificate obtained over ACME, for the fault and secret-handling tests: they kill, restart and
-//! inspect single roles while the others keep running.
+//! certificate obtained over ACME: the flow, fault and secret-handling tests kill, restart and inspect
+//! single roles while the others keep running. The mesh gets the CA fingerprint as
+//! `--ca-fingerprint`, the other roles from `PHOENIX_CA_FINGERPRINT`: both documented ways are used.
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::net::SocketAddr;
@@ -17,6 +18,21 @@ pub struct Ports {
     pub mesh: u16,
     pub mesh_admin: u16,
     pub backend: u16,
+}
+
+impl Ports {
+    /// A free loopback port for every listener.
+    pub fn new() -> Ports {
+        Ports {
+            ca: free_port(),
+            gw: free_port(),
+            gw_http: free_port(),
+            gw_admin: free_port(),
+            mesh: free_port(),
+            mesh_admin: free_port(),
+            backend: free_port(),
+        }
+    }
 }
 
 pub fn addr(port: u16) -> SocketAddr {
@@ -39,19 +55,16 @@ pub struct Flow {
 impl Flow {
     /// Starts every role with `PHOENIX_LOG=log_level` and waits for a 200 through the chain.
     pub fn start(log_level: &'static str) -> Flow {
+        Flow::start_with("24h", log_level)
+    }
+
+    /// As [`Flow::start`], with the CA issuing leaves of `leaf_lifetime`.
+    pub fn start_with(leaf_lifetime: &str, log_level: &'static str) -> Flow {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_owned();
-        let ports = Ports {
-            ca: free_port(),
-            gw: free_port(),
-            gw_http: free_port(),
-            gw_admin: free_port(),
-            mesh: free_port(),
-            mesh_admin: free_port(),
-            backend: free_port(),
-        };
+        let ports = Ports::new();
         let config = dir.join("phoenix.toml");
-        std::fs::write(&config, topology(&ports)).unwrap();
+        std::fs::write(&config, topology(&ports, leaf_lifetime)).unwrap();
         let mut init = phoenix();
         init.args(["ca", "init", "--config"]).arg(&config);
         let out = String::from_utf8(run_ok(init).stdout).unwrap();
@@ -100,6 +113,17 @@ impl Flow {
         cmd
     }
 
+    /// The mesh takes the fingerprint on its command line.
+    fn mesh_command(&self) -> std::process::Command {
+        let mut cmd = phoenix();
+        cmd.env("PHOENIX_LOG", self.log_level)
+            .env_remove("PHOENIX_CA_FINGERPRINT")
+            .args(["mesh", "--config"])
+            .arg(&self.config)
+            .args(["--ca-fingerprint", &self.fingerprint]);
+        cmd
+    }
+
     pub fn start_ca(&mut self) {
         let cmd = self.role(&["ca", "serve"]);
         let mut p = Proc::start("ca", cmd, &self.dir);
@@ -108,7 +132,7 @@ impl Flow {
     }
 
     pub fn start_mesh(&mut self) {
-        let cmd = self.role(&["mesh"]);
+        let cmd = self.mesh_command();
         let name = format!(
             "mesh-{}",
             std::time::SystemTime::now()
@@ -133,13 +157,58 @@ impl Flow {
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
+        self.get_with(path, &[])
+    }
+
+    /// A request through the gateway with extra curl arguments.
+    pub fn get_with(&self, path: &str, extra: &[&str]) -> (u16, String) {
         curl(
             &self.root(),
             "app.phoenix.test",
             addr(self.ports.gw),
             path,
-            &[],
+            extra,
         )
+    }
+
+    /// Serial of the certificate a TLS listener presents for `name`, read with openssl s_client.
+    pub fn served_serial(
+        &self,
+        port: u16,
+        name: &str,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Option<String> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            name,
+            "-CAfile",
+        ])
+        .arg(self.root());
+        if let Some((c, k)) = client_cert {
+            cmd.arg("-cert").arg(c).arg("-key").arg(k);
+        }
+        let out = cmd.stdin(Stdio::null()).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let begin = text.find("-----BEGIN CERTIFICATE-----")?;
+        let end = text.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
+        let mut x509 = Command::new("openssl")
+            .args(["x509", "-noout", "-serial"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .ok()?;
+        x509.stdin
+            .take()?
+            .write_all(text[begin..end].as_bytes())
+            .ok()?;
+        let out = x509.wait_with_output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     pub fn logs(&self) -> String {
@@ -168,7 +237,7 @@ impl Flow {
     }
 }
 
-fn topology(p: &Ports) -> String {
+pub fn topology(p: &Ports, leaf_lifetime: &str) -> String {
     format!(
         r#"domain = "phoenix.test"
 [ca]
@@ -176,6 +245,7 @@ listen = "127.0.0.1:{ca}"
 data_dir = "ca"
 domains = ["phoenix.test"]
 networks = ["127.0.0.0/8"]
+leaf_lifetime = "{leaf_lifetime}"
 [gateway]
 listen = "127.0.0.1:{gw}"
 http_listen = "127.0.0.1:{gw_http}"
