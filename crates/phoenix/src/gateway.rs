@@ -230,6 +230,7 @@ impl Gateway {
         let table = RouteTable::build(&routing, &ctx).map_err(|ps| problems(map, ps))?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
+        metrics.watch_certificates(&cert.resolver);
         let settings = ProxySettings {
             limits: gw.limits.clone(),
             trusted_proxies: gw.trusted_proxies.clone(),

@@ -179,6 +179,7 @@ impl Mesh {
         }
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
+        metrics.watch_certificates(&cert.resolver);
         let settings = ProxySettings {
             limits: mesh.limits.clone(),
             trusted_proxies: mesh.trusted_proxies.clone(),

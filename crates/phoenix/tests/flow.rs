@@ -24,6 +24,28 @@ fn client_reaches_backend_through_verified_hops() {
     assert!(xff.starts_with("127.0.0.2"), "X-Forwarded-For: {xff}");
     assert_eq!(json["headers"]["x-forwarded-proto"][0], "https");
 
+    // Both roles report the expiry of the certificate they obtained over ACME on /metrics.
+    for (port, name) in [
+        (flow.ports.gw_admin, "app.phoenix.test"),
+        (flow.ports.mesh_admin, "mesh.phoenix.test"),
+    ] {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:{port}/metrics"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let series = format!(r#"tls_certificate_not_after_seconds{{name="{name}"}}"#);
+        assert!(
+            text.contains(&series),
+            "{series} missing from /metrics:\n{text}"
+        );
+    }
+
     // HTTP/2 from the client works too.
     let (status, _) = flow.get_with("/", &["--http2"]);
     assert_eq!(status, 200);
