@@ -201,3 +201,21 @@ impl RoleCert {
         }
     }
 }
+
+/// The admin `/health` document of a role: its services' server health (from the proxy) and the
+/// expiry of the certificates it serves.
+pub fn health_report(
+    proxy: Arc<phoenix_proxy::proxy::Proxy>,
+    resolver: Arc<CertResolver>,
+) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+    Arc::new(move || {
+        let mut health = proxy.health();
+        health["status"] = "ok".into();
+        health["certificates"] = resolver
+            .not_after()
+            .into_iter()
+            .map(|(name, not_after)| serde_json::json!({ "name": name, "not_after": not_after.unix_timestamp() }))
+            .collect();
+        health
+    })
+}

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, CaLink, RoleCert};
-use crate::topology::{AcmeChallenge, ConfigErrors, GatewayConfig, SourceMap, Topology};
+use crate::topology::{AcmeChallenge, GatewayConfig, SourceMap, Topology};
 
 /// Default admin listener of the gateway (the mesh's is 9901).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9902";
@@ -71,7 +71,7 @@ pub fn mesh_name(topo: &Topology, gw: &GatewayConfig) -> Option<String> {
 }
 
 fn problems(map: &SourceMap, ps: Vec<Problem>) -> anyhow::Error {
-    ConfigErrors(ps.into_iter().map(|p| map.locate(p)).collect()).into()
+    map.errors(ps).into()
 }
 
 /// The one-route table that sends everything to the mesh.
@@ -255,14 +255,24 @@ impl Gateway {
         self.cert.ready()
     }
 
-    pub fn listen_addrs(
-        &self,
-    ) -> (
-        std::net::SocketAddr,
-        Option<std::net::SocketAddr>,
-        std::net::SocketAddr,
-    ) {
-        (self.cfg.listen, self.cfg.http_listen, self.admin_addr())
+    /// The public TLS listener's address.
+    pub fn listen_addr(&self) -> std::net::SocketAddr {
+        self.cfg.listen
+    }
+
+    /// Binds every listener of the role (TLS, HTTP, admin); serving starts when the returned future
+    /// is polled, so a caller can bind all its roles before any of them runs.
+    pub async fn bind(
+        self,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + Send> {
+        let listener = bind(self.cfg.listen, "gateway").await?;
+        let http = match self.cfg.http_listen {
+            Some(addr) => Some(bind(addr, "gateway HTTP").await?),
+            None => None,
+        };
+        let admin = bind(self.admin_addr(), "gateway admin").await?;
+        Ok(self.serve(listener, http, admin, shutdown))
     }
 
     fn admin_addr(&self) -> std::net::SocketAddr {
@@ -272,7 +282,7 @@ impl Gateway {
     }
 
     /// Serves on already-bound listeners until `shutdown`.
-    pub async fn serve(
+    async fn serve(
         self,
         listener: TcpListener,
         http_listener: Option<TcpListener>,
@@ -299,15 +309,7 @@ impl Gateway {
             tasks.spawn(redirect::serve(http, settings, shutdown.clone()));
         }
         {
-            let resolver = cert.resolver.clone();
-            let health = Arc::new(move || {
-                let certs: Vec<serde_json::Value> = resolver
-                    .not_after()
-                    .into_iter()
-                    .map(|(name, not_after)| serde_json::json!({ "name": name, "not_after": not_after.unix_timestamp() }))
-                    .collect();
-                serde_json::json!({ "status": "ok", "role": "gateway", "certificates": certs })
-            });
+            let health = certs::health_report(proxy.clone(), cert.resolver.clone());
             tasks.spawn(phoenix_proxy::admin::serve(
                 admin,
                 Arc::new(registry),
@@ -334,18 +336,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let gateway = Gateway::prepare(path, &topo, &map, cli_fingerprint).await?;
-    let (listen, http, admin) = gateway.listen_addrs();
-    let listener = bind(listen, "gateway").await?;
-    let http_listener = match http {
-        Some(addr) => Some(bind(addr, "gateway HTTP").await?),
-        None => None,
-    };
-    let admin = bind(admin, "gateway admin").await?;
-    gateway
-        .serve(listener, http_listener, admin, shutdown)
-        .await
+    gateway.bind(shutdown).await?.await
 }
 
+/// Binds a listener, naming it in the error.
 pub async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await

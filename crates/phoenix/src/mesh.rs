@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::certs::{self, CaLink, RoleCert};
-use crate::topology::{self, ConfigErrors, SourceMap, Topology};
+use crate::topology::{self, SourceMap, Topology};
 
 /// Builds the mesh's route table from a topology; `previous` lets unchanged services keep their
 /// connection pools and health state across a reload.
@@ -100,9 +100,7 @@ impl Mesh {
         cli_fingerprint: Option<&str>,
     ) -> anyhow::Result<Mesh> {
         let base = path.parent().unwrap_or(Path::new("."));
-        let located = |ps: Vec<Problem>| -> anyhow::Error {
-            ConfigErrors(ps.into_iter().map(|p| map.locate(p)).collect()).into()
-        };
+        let located = |ps: Vec<Problem>| -> anyhow::Error { map.errors(ps).into() };
         let mesh = topo
             .mesh
             .clone()
@@ -213,12 +211,18 @@ impl Mesh {
         self
     }
 
-    pub fn listen_addrs(&self) -> (std::net::SocketAddr, std::net::SocketAddr) {
-        (self.cfg.listen, self.cfg.admin_listen)
+    /// Binds the TLS and admin listeners; serving starts when the returned future is polled.
+    pub async fn bind(
+        self,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>> + Send> {
+        let listener = crate::gateway::bind(self.cfg.listen, "mesh").await?;
+        let admin = crate::gateway::bind(self.cfg.admin_listen, "mesh admin").await?;
+        Ok(self.serve(listener, admin, shutdown))
     }
 
     /// Serves on already-bound listeners until `shutdown`; watches the file for changes.
-    pub async fn serve(
+    async fn serve(
         self,
         listener: TcpListener,
         admin: TcpListener,
@@ -242,12 +246,7 @@ impl Mesh {
         tracing::info!(listen = %cfg.listen, admin = %cfg.admin_listen, "mesh serving");
 
         let admin_task = {
-            let proxy = proxy.clone();
-            let health_json = Arc::new(move || {
-                let mut health = proxy.health();
-                health["status"] = "ok".into();
-                health
-            });
+            let health_json = certs::health_report(proxy.clone(), cert.resolver.clone());
             tokio::spawn(phoenix_proxy::admin::serve(
                 admin,
                 Arc::new(registry),
@@ -311,10 +310,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mesh = Mesh::prepare(path, &topo, &map, cli_fingerprint).await?;
-    let (listen, admin) = mesh.listen_addrs();
-    let listener = crate::gateway::bind(listen, "mesh").await?;
-    let admin = crate::gateway::bind(admin, "mesh admin").await?;
-    mesh.serve(listener, admin, shutdown).await
+    mesh.bind(shutdown).await?.await
 }
 
 /// Rebuilds the route table from the file and swaps it in; on any problem keeps the running one.
@@ -326,8 +322,7 @@ fn reload_routes(
 ) {
     let result = topology::load(path).and_then(|(topo, map)| {
         let current = proxy.table();
-        build_table(&topo, roots, Some(&current))
-            .map_err(|ps| ConfigErrors(ps.into_iter().map(|p| map.locate(p)).collect()))
+        build_table(&topo, roots, Some(&current)).map_err(|ps| map.errors(ps))
     });
     match result {
         Ok(table) => {

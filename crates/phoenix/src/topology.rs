@@ -204,6 +204,11 @@ impl SourceMap {
         }
     }
 
+    /// Every problem of a role's checks, located in this file.
+    pub fn errors(&self, problems: Vec<Problem>) -> ConfigErrors {
+        ConfigErrors(problems.into_iter().map(|p| self.locate(p)).collect())
+    }
+
     /// Resolves a place such as `route[2].rule`, `service "app".servers[0]`, `middleware.strip-v1` or
     /// `mesh.listen` to the line and column of the deepest item that exists in the file.
     pub fn locate(&self, problem: Problem) -> Located {

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{self, bind, Gateway};
@@ -168,24 +167,12 @@ pub async fn run(
         });
     }
     if let Some(mesh) = mesh {
-        let (listen, admin) = mesh.listen_addrs();
-        let (listener, admin) = (
-            bind(listen, "mesh").await?,
-            bind(admin, "mesh admin").await?,
-        );
-        tasks.spawn(mesh.serve(listener, admin, shutdown.clone()));
+        tasks.spawn(mesh.bind(shutdown.clone()).await?);
     }
     let mut ready = None;
     if let Some(gateway) = gateway {
-        let (listen, http, admin) = gateway.listen_addrs();
-        let listener = bind(listen, "gateway").await?;
-        let http: Option<TcpListener> = match http {
-            Some(a) => Some(bind(a, "gateway HTTP").await?),
-            None => None,
-        };
-        let admin = bind(admin, "gateway admin").await?;
-        ready = Some((gateway.ready(), listen));
-        tasks.spawn(gateway.serve(listener, http, admin, shutdown.clone()));
+        ready = Some((gateway.ready(), gateway.listen_addr()));
+        tasks.spawn(gateway.bind(shutdown.clone()).await?);
     }
 
     if let (Some(ca), Some(fingerprint)) = (&topo.ca, &fingerprint) {
