@@ -7,6 +7,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod forward;
+pub mod framing;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;

@@ -7,11 +7,16 @@
 //!
 //! Each connection runs in its own task under a tracing span with both addresses: TLS handshake
 //! (bounded by the header-read timeout), the mTLS allow-list check, then hyper-util's automatic
-//! HTTP/1.1 + HTTP/2 server with upgrades. Limits: header-read timeout, largest request head, number of
-//! header fields, and an idle timeout: a connection with no request in flight for `idle_timeout` is
-//! closed gracefully (HTTP/2 GOAWAY). For HTTP/1.1, hyper's header-read timer also runs while a
-//! keep-alive connection waits for its next request, so such a connection is closed after the
-//! shorter of the two timeouts.
+//! HTTP/1.1 + HTTP/2 server with upgrades. Between the stream and hyper sits `framing::FramingIo`,
+//! which follows HTTP/1.1 message boundaries so that a request with ambiguous framing (Content-Length
+//! with Transfer-Encoding, a repeated Content-Length) is answered 400 and the connection closed,
+//! where hyper would have normalised it. Limits: largest request head, number of header fields,
+//! an idle timeout: a connection with no request in flight for `idle_timeout` is closed gracefully
+//! (HTTP/2 GOAWAY); and a header-read timeout: an HTTP/1.1 request head must be complete within
+//! `header_read_timeout` of its first byte (the first head: of the connection's start), or the
+//! connection is cut. The scanner tells where heads begin, so this timer is ours rather than
+//! hyper's, whose timer would also run while a keep-alive connection waits for its next request
+//! and so cut idle connections at the shorter timeout.
 //!
 //! Shutdown: the loop stops accepting, every connection is told to finish gracefully (GOAWAY, or
 //! `Connection: close` after the current response), and the listener waits up to `drain_timeout` for
@@ -24,6 +29,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ProtocolVersion;
@@ -35,9 +42,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::body::UpstreamBody;
 use crate::config::ListenerLimits;
+use crate::framing::{Ambiguity, FramingIo, Verdicts};
 use crate::proxy::{ConnInfo, Proxy};
-use crate::tls;
+use crate::{forward, tls};
 
 type Builder = auto::Builder<TokioExecutor>;
 
@@ -68,9 +77,12 @@ fn builder(limits: &ListenerLimits) -> Builder {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper's own timer also runs while a keep-alive connection waits for its next request,
+        // which would cut idle connections at this timeout instead of `idle_timeout`; the
+        // framing scanner knows when a head begins, so `serve_http` times heads itself.
+        .header_read_timeout(None)
         // hyper refuses buffers under 8 KiB; the head must fit in the buffer, so this bounds it.
-        .max_buf_size(limits.max_header_size.max(8192))
+        .max_buf_size(read_buffer_size(limits))
         .max_headers(limits.max_headers)
         .keep_alive(true);
     builder
@@ -86,6 +98,11 @@ fn builder(limits: &ListenerLimits) -> Builder {
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(1024);
     builder
+}
+
+/// hyper's HTTP/1 read buffer, which bounds the request head (it must fit).
+fn read_buffer_size(limits: &ListenerLimits) -> usize {
+    limits.max_header_size.max(8192)
 }
 
 async fn serve(
@@ -202,7 +219,7 @@ async fn connection(
             force.clone(),
             tracker,
         );
-        serve_http(proxy, builder, TokioIo::new(stream), info, shutdown, force).await;
+        serve_http(proxy, builder, stream, info, shutdown, force).await;
         return;
     };
     let handshake = tokio::select! {
@@ -253,7 +270,7 @@ async fn connection(
         force.clone(),
         tracker,
     );
-    serve_http(proxy, builder, TokioIo::new(stream), info, shutdown, force).await;
+    serve_http(proxy, builder, stream, info, shutdown, force).await;
 }
 
 #[allow(clippy::too_many_arguments)] // plain data for one struct literal
@@ -322,7 +339,7 @@ fn check_client_name(session: &rustls::ServerConnection, allowed: &[String]) -> 
 async fn serve_http<I>(
     proxy: Arc<Proxy>,
     builder: Arc<Builder>,
-    io: TokioIo<I>,
+    stream: I,
     info: Arc<ConnInfo>,
     shutdown: CancellationToken,
     force: CancellationToken,
@@ -330,20 +347,67 @@ async fn serve_http<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle_timeout = proxy.settings.limits.idle_timeout;
+    let header_read_timeout = proxy.settings.limits.header_read_timeout;
+    // Ambiguous HTTP/1.1 framing is found on the way into hyper and refused here (see
+    // `framing`). hyper checks its buffer limit only before it reads more, and one read can fill
+    // the buffer to nearly twice the limit, so a head it accepts can be that long; the scanner
+    // follows heads up to twice the limit, so that it never stops on a head hyper accepts.
+    let verdicts = Arc::new(Verdicts::new(Instant::now()));
+    let max_head = 2 * read_buffer_size(&proxy.settings.limits);
+    let io = TokioIo::new(FramingIo::new(stream, max_head, verdicts.clone()));
     let service = {
         let info = info.clone();
-        hyper::service::service_fn(move |req| {
+        let verdicts = verdicts.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            // Counted here, when hyper hands the request over, not in the future: HTTP/1 requests
+            // come one at a time and in order, which is what the scanner's indices assume.
+            let refused = if req.version() < Version::HTTP_2 {
+                verdicts.next_request()
+            } else {
+                None
+            };
+            // hyper switches protocols after a 101 (or a 2xx to CONNECT); the scanner must then
+            // stop reading the tunnel as HTTP/1.1.
+            let may_switch = req.version() == Version::HTTP_11
+                && (req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE));
+            let switch = may_switch.then(|| verdicts.clone());
             let proxy = proxy.clone();
             let info = info.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+            async move {
+                if let Some(reason) = refused {
+                    return Ok::<_, Infallible>(refuse(req, reason));
+                }
+                let connect = req.method() == Method::CONNECT;
+                let resp = proxy.handle(req, &info).await;
+                if let Some(verdicts) = switch {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        || (connect && resp.status().is_success())
+                    {
+                        verdicts.switched_protocols();
+                    }
+                }
+                Ok(resp)
+            }
         })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut draining = false;
     loop {
-        // While requests are in flight, look again one idle period later.
-        let wake = info.is_idle_since().unwrap_or_else(Instant::now) + idle_timeout;
+        let head = verdicts.head_since();
+        let wake = match (head, info.is_idle_since()) {
+            // A head is under way, and no request is in flight: it has the header-read timeout,
+            // counted from its first byte or from the end of the last exchange, whichever is later
+            // (hyper reads ahead, so a pipelined head can begin while a response is being sent).
+            (Some(head), Some(idle)) => Some(head.max(idle) + header_read_timeout),
+            // A head is under way behind a request in flight: its time starts when the response
+            // is done, which nothing signals here; look again a quarter of the timeout later.
+            (Some(_), None) => Some(Instant::now() + header_read_timeout / 4),
+            (None, _) if draining => None,
+            (None, Some(idle)) => Some(idle + idle_timeout),
+            // While requests are in flight, look again one idle period later.
+            (None, None) => Some(Instant::now() + idle_timeout),
+        };
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -356,13 +420,46 @@ async fn serve_http<I>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = force.cancelled() => break,
-            _ = tokio::time::sleep_until(wake.into()), if !draining => {
-                if info.is_idle_since().is_some_and(|since| since.elapsed() >= idle_timeout) {
-                    tracing::debug!("idle timeout; closing the connection");
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+            // A head began or ended (or the scanner stopped): the deadline is computed again at
+            // the top of the loop.
+            _ = verdicts.head_changed() => {}
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
+                let idle = info.is_idle_since();
+                match verdicts.head_since() {
+                    Some(head) => {
+                        if idle.is_some_and(|idle| head.max(idle).elapsed() >= header_read_timeout) {
+                            // Like hyper's own header timeout: no answer, the connection is cut.
+                            tracing::debug!("header read timeout; closing the connection");
+                            break;
+                        }
+                    }
+                    None => {
+                        if !draining && idle.is_some_and(|since| since.elapsed() >= idle_timeout) {
+                            tracing::debug!("idle timeout; closing the connection");
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// The answer to a request with ambiguous framing: 400, and the connection closed after it, since
+/// the bytes after an ambiguous message cannot be trusted to start a request.
+fn refuse(mut req: Request<Incoming>, reason: Ambiguity) -> Response<UpstreamBody> {
+    let request_id = forward::ensure_request_id(req.headers_mut());
+    tracing::debug!(
+        reason = %reason,
+        method = %req.method(),
+        path = req.uri().path(),
+        request_id = ?request_id,
+        "ambiguous request framing; refused"
+    );
+    let mut resp =
+        crate::proxy::error_response(StatusCode::BAD_REQUEST, reason.message(), &request_id);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }

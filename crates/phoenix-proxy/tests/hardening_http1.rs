@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use hardening_support::*;
 use phoenix_proxy::config::ListenerLimits;
+use phoenix_proxy::tls::ALPN_HTTP11;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(5);
 const HOST: &str = "app.phoenix.test";
@@ -141,51 +143,294 @@ async fn smuggling_and_malformed_requests_get_4xx_close_and_never_reach_the_back
     }
 }
 
-/// Content-Length together with Transfer-Encoding, in both orders. hyper removes the
-/// Content-Length before the proxy sees the request (RFC 9112 section 6.3: Transfer-Encoding
-/// wins) and closes the connection after the response, so the body is read as chunked, the next
-/// hop gets one unambiguous framing, and the bytes behind the body are never parsed as a request.
+/// A request line and `Host` for the framing tests.
+fn post(target: &str) -> String {
+    format!("POST {target} HTTP/1.1\r\nHost: {HOST}\r\n")
+}
+
+/// Request heads (with their bodies) whose framing is ambiguous. hyper would normalise each one
+/// (Transfer-Encoding wins over Content-Length; two equal lengths are one); we refuse them.
+fn ambiguous_requests() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "CL then TE",
+            format!(
+                "{}Content-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                post("/ambiguous")
+            ),
+        ),
+        (
+            "TE then CL",
+            format!(
+                "{}Transfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                post("/ambiguous")
+            ),
+        ),
+        (
+            "CL 5 twice",
+            format!(
+                "{}Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+                post("/ambiguous")
+            ),
+        ),
+    ]
+}
+
+/// An ambiguous head, to hide inside bodies: a proxy that lost track of where messages end would
+/// take it for a request and refuse the wrong one.
+fn decoy() -> String {
+    format!(
+        "{}Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        post("/decoy")
+    )
+}
+
+/// Valid requests, as (name, bytes, target, the body the backend must receive). The first two
+/// have bodies that hold a decoy head; the others check that requests are counted the way hyper
+/// counts them whatever the exchange looks like.
+fn valid_requests() -> Vec<(&'static str, String, &'static str, String)> {
+    let decoy = decoy();
+    vec![
+        (
+            "Content-Length body",
+            format!(
+                "{}Content-Length: {}\r\n\r\n{decoy}",
+                post("/with-length"),
+                decoy.len()
+            ),
+            "/with-length",
+            decoy.clone(),
+        ),
+        (
+            "chunked body",
+            format!(
+                "{}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{decoy}\r\n3\r\nend\r\n0\r\n\r\n",
+                post("/chunked"),
+                decoy.len()
+            ),
+            "/chunked",
+            format!("{decoy}end"),
+        ),
+        (
+            "Expect: 100-continue",
+            format!(
+                "{}Expect: 100-continue\r\nContent-Length: 5\r\n\r\nhello",
+                post("/continue")
+            ),
+            "/continue",
+            "hello".to_owned(),
+        ),
+        (
+            "HEAD",
+            format!("HEAD /head HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+            "/head",
+            String::new(),
+        ),
+    ]
+}
+
+fn assert_refused_with_400(got: &Exchange, what: &str) {
+    assert_eq!(got.status, Some(400), "{what}: {}", got.text);
+    assert!(got.closed, "{what}: connection left open");
+    assert_eq!(got.responses(), 1, "{what}: {}", got.text);
+    assert!(
+        got.text.to_ascii_lowercase().contains("connection: close"),
+        "{what}: {}",
+        got.text
+    );
+}
+
+/// Content-Length together with Transfer-Encoding (in both orders), and a repeated identical
+/// Content-Length: hyper would normalise them; the framing scanner (`framing.rs`) makes the
+/// proxy refuse them instead (RFC 9112 section 6.3 and RFC 9110 section 8.6 allow both), because
+/// a hop that normalises can disagree with another hop's parser. 400, the connection closed, and
+/// nothing reaches the backend: neither the request nor what follows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn content_length_with_transfer_encoding_is_framed_as_chunked_and_the_connection_closed() {
+async fn ambiguous_framing_gets_400_and_close_and_never_reaches_the_backend() {
     let pki = Pki::new();
     let backend = Recorder::start().await;
     for role in [Role::Gateway, Role::Mesh] {
         let proxy = start_proxy(&pki, role, ListenerLimits::default(), backend.addr).await;
-        for head in [
-            "Content-Length: 40\r\nTransfer-Encoding: chunked",
-            "Transfer-Encoding: chunked\r\nContent-Length: 40",
-        ] {
-            let bytes = format!(
-                "POST /upload HTTP/1.1\r\nHost: {HOST}\r\n{head}\r\n\r\n5\r\nhello\r\n0\r\n\r\n{SMUGGLED}"
-            );
+        for (name, request) in ambiguous_requests() {
+            let bytes = format!("{request}{SMUGGLED}");
             let got = raw_http1(&pki, proxy.addr, HOST, bytes.as_bytes(), WAIT).await;
-            assert!(got.closed, "{role:?} / {head:?}: connection left open");
-            assert_eq!(got.responses(), 1, "{role:?} / {head:?}: {}", got.text);
+            assert_refused_with_400(&got, &format!("{role:?} / {name}"));
             let seen = backend.requests();
-            assert_eq!(seen.len(), 1, "{role:?} / {head:?}: {seen:#?}");
-            assert_eq!(seen[0].target, "/upload");
-            assert_eq!(seen[0].body, b"hello");
-            assert!(
-                seen[0].header("content-length").len() <= 1
-                    && seen[0].header("content-length") != ["40"],
-                "{role:?}: the client's Content-Length went on: {:?}",
-                seen[0].headers
-            );
-            backend.clear();
+            assert!(seen.is_empty(), "{role:?} / {name}: {seen:#?}");
         }
-        // A repeated identical Content-Length is one length (RFC 9110 section 8.6); it is
-        // forwarded once, and the body is exactly that long.
+    }
+}
+
+/// The ambiguous request comes second on a keep-alive connection, behind a valid request whose
+/// body (a length, or chunked) holds a decoy ambiguous head: the first is forwarded with its body
+/// intact, the second is refused. Sent in one write (the scanner finds the boundary inside one
+/// read) and in two writes with the first response read in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_behind_a_valid_request_is_refused_and_the_first_is_forwarded() {
+    let pki = Pki::new();
+    let backend = Recorder::start().await;
+    for role in [Role::Gateway, Role::Mesh] {
+        let proxy = start_proxy(&pki, role, ListenerLimits::default(), backend.addr).await;
+        for (first_name, first, target, body) in valid_requests() {
+            for (name, ambiguous) in ambiguous_requests() {
+                let what = format!("{role:?} / {first_name} / {name}");
+
+                // One write.
+                let bytes = format!("{first}{ambiguous}{SMUGGLED}");
+                let got = raw_http1(&pki, proxy.addr, HOST, bytes.as_bytes(), WAIT).await;
+                let interim = got.text.matches("HTTP/1.1 100 ").count();
+                assert_eq!(got.responses(), 2 + interim, "{what}: {}", got.text);
+                assert_eq!(
+                    got.text.matches("HTTP/1.1 200 ").count(),
+                    1,
+                    "{what}: {}",
+                    got.text
+                );
+                let second = &got.text[got.text.rfind("HTTP/1.1 ").unwrap()..];
+                assert!(second.starts_with("HTTP/1.1 400 "), "{what}: {}", got.text);
+                assert!(got.closed, "{what}: connection left open");
+                assert_forwarded_once(&backend, target, &body, &what);
+
+                // Two writes.
+                let mut tls = tls_connect(&pki, proxy.addr, HOST, ALPN_HTTP11).await;
+                let got = exchange(&mut tls, first.as_bytes(), !first.starts_with("HEAD ")).await;
+                assert_eq!(got.status, Some(200), "{what}: {}", got.text);
+                assert!(!got.closed, "{what}: closed after the valid request");
+                let got =
+                    exchange(&mut tls, format!("{ambiguous}{SMUGGLED}").as_bytes(), true).await;
+                assert_refused_with_400(&got, &what);
+                assert_forwarded_once(&backend, target, &body, &what);
+            }
+        }
+    }
+}
+
+fn assert_forwarded_once(backend: &Recorder, target: &str, body: &str, what: &str) {
+    let seen = backend.requests();
+    assert_eq!(seen.len(), 1, "{what}: {seen:#?}");
+    assert_eq!(seen[0].target, target, "{what}");
+    assert!(seen[0].complete, "{what}: {seen:#?}");
+    assert_eq!(String::from_utf8_lossy(&seen[0].body), body, "{what}");
+    backend.clear();
+}
+
+/// Valid requests written in one go (their bodies holding decoy heads) are all forwarded, in
+/// order, each with its body; and a chunked body with chunk extensions and trailer fields is
+/// still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_and_chunked_requests_with_extensions_and_trailers_are_forwarded() {
+    let pki = Pki::new();
+    let backend = Recorder::start().await;
+    for role in [Role::Gateway, Role::Mesh] {
+        let proxy = start_proxy(&pki, role, ListenerLimits::default(), backend.addr).await;
+        let valid = valid_requests();
+        let last = format!("GET /last HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+        let bytes = format!("{}{}{last}", valid[0].1, valid[1].1);
+        let got = raw_http1(&pki, proxy.addr, HOST, bytes.as_bytes(), WAIT).await;
+        assert_eq!(got.responses(), 3, "{role:?}: {}", got.text);
+        assert_eq!(got.text.matches("HTTP/1.1 200 ").count(), 3, "{}", got.text);
+        assert!(got.closed, "{role:?}: Connection: close not honoured");
+        let seen = backend.requests();
+        let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
+        assert_eq!(targets, [valid[0].2, valid[1].2, "/last"], "{role:?}");
+        assert_eq!(String::from_utf8_lossy(&seen[0].body), valid[0].3);
+        assert_eq!(String::from_utf8_lossy(&seen[1].body), valid[1].3);
+        assert!(seen.iter().all(|r| r.complete), "{seen:#?}");
+        backend.clear();
+
         let bytes = format!(
-            "POST /dup HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello{SMUGGLED}"
+            "{}Transfer-Encoding: chunked\r\nTrailer: X-Checksum\r\nConnection: close\r\n\r\n\
+             5;name=value;quoted=\"a b\"\r\nhello\r\n6 ;x\r\n world\r\n0;last\r\n\
+             X-Checksum: 1234\r\nX-Other: v\r\n\r\n",
+            post("/extensions")
         );
         let got = raw_http1(&pki, proxy.addr, HOST, bytes.as_bytes(), WAIT).await;
-        assert_eq!(got.status, Some(200), "{}", got.text);
+        assert_eq!(got.status, Some(200), "{role:?}: {}", got.text);
         let seen = backend.requests();
         assert_eq!(seen.len(), 1, "{seen:#?}");
-        assert_eq!(seen[0].header("content-length"), ["5"]);
-        assert_eq!(seen[0].body, b"hello");
+        assert_eq!(seen[0].target, "/extensions");
+        assert_eq!(seen[0].body, b"hello world");
+        assert!(seen[0].complete);
         backend.clear();
     }
+}
+
+/// Writes `bytes` on an open connection and reads one complete final response (or until the
+/// server closes, or `WAIT` passes). `has_body` is false for the answer to a HEAD request.
+async fn exchange(tls: &mut Tls, bytes: &[u8], has_body: bool) -> Exchange {
+    let _ = tls.write_all(bytes).await;
+    let _ = tls.flush().await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let closed = loop {
+        if response_complete(&out, has_body) {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Err(_) => break false,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    };
+    // A response that asked to close is followed by the close; wait for it.
+    let closed = closed
+        || (String::from_utf8_lossy(&out)
+            .to_ascii_lowercase()
+            .contains("connection: close")
+            && matches!(
+                tokio::time::timeout(WAIT, tls.read(&mut buf)).await,
+                Ok(Ok(0)) | Ok(Err(_))
+            ));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = final_response(&text)
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    Exchange {
+        status,
+        text,
+        closed,
+    }
+}
+
+/// The response text after any interim (1xx) responses.
+fn final_response(mut text: &str) -> &str {
+    while text.starts_with("HTTP/1.1 1") {
+        match text.find("\r\n\r\n") {
+            Some(end) => text = &text[end + 4..],
+            None => break,
+        }
+    }
+    text
+}
+
+/// Whether `bytes` hold a whole final response with a Content-Length or chunked body.
+fn response_complete(bytes: &[u8], has_body: bool) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let text = final_response(&text);
+    if text.starts_with("HTTP/1.1 1") {
+        return false;
+    }
+    let Some(end) = text.find("\r\n\r\n") else {
+        return false;
+    };
+    if !has_body {
+        return true;
+    }
+    let head = text[..end].to_ascii_lowercase();
+    let body = &text[end + 4..];
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= len;
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with("0\r\n\r\n");
+    }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,4 +537,104 @@ async fn gateway_answers_421_when_host_is_not_the_sni_name_and_the_mesh_routes_b
     assert_eq!(got.status, Some(200), "{}", got.text);
     let targets: Vec<String> = backend.requests().into_iter().map(|r| r.target).collect();
     assert_eq!(targets, ["/same", "/other"]);
+}
+
+/// The header-read timeout covers request heads, from their first byte (for the first head: from
+/// the connection's start) or from the end of the previous exchange; the idle timeout covers the
+/// wait between requests. (hyper's own header timer also ran between requests, so an idle
+/// keep-alive connection was cut at the shorter header-read timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_are_cut_at_the_header_read_timeout_and_idle_connections_at_the_idle_timeout() {
+    let pki = Pki::new();
+    let backend = Recorder::start().await;
+    let limits = ListenerLimits {
+        header_read_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(3),
+        ..ListenerLimits::default()
+    };
+    let proxy = start_proxy(&pki, Role::Mesh, limits, backend.addr).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    // Each case returns how long after its last write the server cut the connection.
+    let connect = || tls_connect(&pki, proxy.addr, HOST, ALPN_HTTP11);
+
+    let kept_alive = async {
+        let mut tls = connect().await;
+        let got = exchange(&mut tls, get("/one").as_bytes(), true).await;
+        assert_eq!(got.status, Some(200), "{}", got.text);
+        // Longer than the header-read timeout, shorter than the idle timeout.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let got = exchange(&mut tls, get("/two").as_bytes(), true).await;
+        assert_eq!(got.status, Some(200), "kept-alive connection: {}", got.text);
+        assert!(!got.closed);
+        let started = tokio::time::Instant::now();
+        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
+        started.elapsed()
+    };
+    let slow_first_head = async {
+        let mut tls = connect().await;
+        tls.write_all(b"GET /slow HTTP/1.1\r\nHost: app.ph")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
+        started.elapsed()
+    };
+    let slow_second_head = async {
+        let mut tls = connect().await;
+        let got = exchange(&mut tls, get("/first").as_bytes(), true).await;
+        assert_eq!(got.status, Some(200), "{}", got.text);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tls.write_all(b"GET /slow HTTP/1.1\r\nHost: app.ph")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
+        started.elapsed()
+    };
+    // The slow head is written together with a complete request, so it begins while that
+    // request is in flight: its time starts when the response is done.
+    let slow_pipelined_head = async {
+        let mut tls = connect().await;
+        let bytes = format!("{}GET /slow HTTP/1.1\r\nHost: app.ph", get("/first"));
+        tls.write_all(bytes.as_bytes()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
+        started.elapsed()
+    };
+    let (kept_alive, slow_first_head, slow_second_head, slow_pipelined_head) = tokio::join!(
+        kept_alive,
+        slow_first_head,
+        slow_second_head,
+        slow_pipelined_head
+    );
+    let idle = Duration::from_secs(3);
+    assert!(
+        kept_alive >= idle - Duration::from_millis(200) && kept_alive < idle * 2,
+        "idle connection closed after {kept_alive:?}, want about {idle:?}"
+    );
+    for (name, took) in [
+        ("first head", slow_first_head),
+        ("head after a request", slow_second_head),
+        ("head behind a request in flight", slow_pipelined_head),
+    ] {
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(2000),
+            "slow {name} cut after {took:?}, want about 500 ms (and well under the idle timeout)"
+        );
+    }
+    let targets: Vec<String> = backend.requests().into_iter().map(|r| r.target).collect();
+    assert!(!targets.iter().any(|t| t == "/slow"), "{targets:?}");
+}
+
+/// Reads until the server closes the connection (true) or `wait` passes (false).
+async fn closed_within(tls: &mut Tls, wait: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
 }
