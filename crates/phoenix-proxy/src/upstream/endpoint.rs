@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
+use super::h1::{H1Conn, UpstreamIo};
 use super::health::HealthState;
 use super::response::{InFlight, ResponseBody};
 use super::target::{Protocol, Target};
@@ -49,9 +50,6 @@ use crate::body::{BoxError, UpstreamBody};
 pub(crate) const MAX_IDLE: usize = 512;
 /// How long an idle HTTP/1.1 connection may be reused (see the module doc for why it is short).
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-/// A pooled connection whose previous response just ended may need a moment before hyper marks it
-/// ready again; wait that long for it before opening a new one instead.
-const READY_WAIT: Duration = Duration::from_millis(100);
 /// Attempts on fresh connections after a pooled one turned out to be dead.
 const STALE_RETRIES: u32 = 2;
 
@@ -65,13 +63,13 @@ pub(crate) struct TlsSettings {
 }
 
 enum Conn {
-    H1(http1::SendRequest<UpstreamBody>),
+    H1(H1Conn),
     /// With the generation of the shared slot it came from (0 before it is stored).
     H2(http2::SendRequest<UpstreamBody>, u64),
 }
 
 struct Idle {
-    tx: http1::SendRequest<UpstreamBody>,
+    conn: H1Conn,
     since: Instant,
 }
 
@@ -229,15 +227,18 @@ impl Endpoint {
             };
             let mut h2_generation = None;
             let outcome = match conn {
-                Conn::H1(mut tx) => {
+                Conn::H1(mut conn) => {
                     prepare_h1(&mut req, &self.target);
-                    match tx.try_send_request(req).await {
+                    if upgrade {
+                        conn.detach();
+                    }
+                    match conn.send(req).await {
                         Ok(mut resp) => {
                             if let Some(used) = used.take() {
                                 resp.extensions_mut().insert(used);
                             }
                             let keep =
-                                (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(tx);
+                                (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(conn);
                             return Ok(resp.map(|b| ResponseBody::new(b, in_flight, keep)));
                         }
                         Err(e) => e,
@@ -285,36 +286,28 @@ impl Endpoint {
     /// A pooled HTTP/1.1 connection, or a new one. `fresh`: skip the pool (a pooled one just failed).
     async fn h1_conn(&self, fresh: bool) -> Result<(Conn, bool), BoxError> {
         if !fresh {
-            if let Some(tx) = self.h1_checkout().await {
-                return Ok((Conn::H1(tx), true));
+            if let Some(conn) = self.h1_checkout() {
+                return Ok((Conn::H1(conn), true));
             }
         }
         Ok((self.connect(false).await?, false))
     }
 
-    async fn h1_checkout(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// The newest idle HTTP/1.1 connection, unless it is too old. Whether the server closed it in
+    /// the meantime shows when it is driven again, before the request is written (see `h1`).
+    fn h1_checkout(&self) -> Option<H1Conn> {
         let now = Instant::now();
-        let mut candidate = {
-            let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                let conn = idle.pop_back()?;
-                if now.duration_since(conn.since) > IDLE_TIMEOUT {
-                    // newest is too old, so are all the others
-                    idle.clear();
-                    return None;
-                }
-                if !conn.tx.is_closed() {
-                    break conn.tx;
-                }
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let entry = idle.pop_back()?;
+            if now.duration_since(entry.since) > IDLE_TIMEOUT {
+                // newest is too old, so are all the others
+                idle.clear();
+                return None;
             }
-        };
-        if candidate.is_ready() {
-            return Some(candidate);
-        }
-        // Its previous response has just ended; hyper is finishing up on the connection's task.
-        match tokio::time::timeout(READY_WAIT, candidate.ready()).await {
-            Ok(Ok(())) => Some(candidate),
-            _ => None,
+            if !entry.conn.is_closed() {
+                return Some(entry.conn);
+            }
         }
     }
 
@@ -322,12 +315,12 @@ impl Endpoint {
     pub(crate) fn close_expired_idle(&self) {
         let now = Instant::now();
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT && !c.tx.is_closed());
+        idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT && !c.conn.is_closed());
     }
 
-    /// Called by [`ResponseBody`] when a response on `tx` ended cleanly.
-    pub(crate) fn return_h1(&self, tx: http1::SendRequest<UpstreamBody>) {
-        if tx.is_closed() {
+    /// Called by [`ResponseBody`] when a response on `conn` ended cleanly.
+    pub(crate) fn return_h1(&self, conn: H1Conn) {
+        if conn.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -341,7 +334,7 @@ impl Endpoint {
         if idle.len() >= MAX_IDLE {
             idle.pop_front();
         }
-        idle.push_back(Idle { tx, since: now });
+        idle.push_back(Idle { conn, since: now });
     }
 
     /// The shared HTTP/2 connection, connecting when there is none (only one connect at a time).
@@ -458,7 +451,9 @@ impl Endpoint {
                     if h2 && !self.h2_refused.swap(true, Ordering::Relaxed) {
                         tracing::debug!(server = %self.url, "server did not select h2; using HTTP/1.1");
                     }
-                    handshake_h1(stream).await
+                    Ok(Conn::H1(
+                        H1Conn::handshake(UpstreamIo::Tls(Box::new(stream))).await?,
+                    ))
                 }
             }
             (Protocol::Https, None) => Err("https server without TLS settings".into()),
@@ -473,7 +468,7 @@ impl Endpoint {
                     "http"
                 };
                 note(scheme, false, None);
-                handshake_h1(tcp).await
+                Ok(Conn::H1(H1Conn::handshake(UpstreamIo::Tcp(tcp)).await?))
             }
         }
     }
@@ -524,19 +519,6 @@ impl Drop for Connecting<'_> {
             .connecting = false;
         self.0.h2_changed.notify_waiters();
     }
-}
-
-async fn handshake_h1<I>(io: I) -> Result<Conn, BoxError>
-where
-    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-        }
-    });
-    Ok(Conn::H1(tx))
 }
 
 async fn handshake_h2<I>(io: I) -> Result<Conn, BoxError>

@@ -27,6 +27,7 @@
 
 mod balance;
 mod endpoint;
+mod h1;
 mod health;
 mod response;
 mod target;

@@ -20,13 +20,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::endpoint::Endpoint;
+use super::h1::H1Conn;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-
-use super::endpoint::Endpoint;
-use crate::body::UpstreamBody;
 
 /// Counts one request in flight on a server for as long as it lives.
 pub(crate) struct InFlight(Arc<Endpoint>);
@@ -50,8 +48,9 @@ impl Drop for InFlight {
 
 struct Release {
     in_flight: InFlight,
-    /// The HTTP/1.1 connection the response came on, returned to the pool at a clean end.
-    h1: Option<http1::SendRequest<UpstreamBody>>,
+    /// The HTTP/1.1 connection the response came on: driven while the body is read (see `h1`),
+    /// returned to the pool at a clean end.
+    h1: Option<H1Conn>,
 }
 
 /// Body of an upstream response: hyper's `Incoming`, plus the bookkeeping described above.
@@ -61,11 +60,7 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub(crate) fn new(
-        inner: Incoming,
-        in_flight: InFlight,
-        h1: Option<http1::SendRequest<UpstreamBody>>,
-    ) -> ResponseBody {
+    pub(crate) fn new(inner: Incoming, in_flight: InFlight, h1: Option<H1Conn>) -> ResponseBody {
         ResponseBody {
             inner,
             release: Some(Release { in_flight, h1 }),
@@ -74,8 +69,10 @@ impl ResponseBody {
 
     fn finish(&mut self, clean: bool) {
         if let Some(release) = self.release.take() {
-            if let (true, Some(tx)) = (clean, release.h1) {
-                release.in_flight.0.return_h1(tx);
+            if let (true, Some(mut conn)) = (clean, release.h1) {
+                if conn.settle() {
+                    release.in_flight.0.return_h1(conn);
+                }
             }
         }
     }
@@ -90,7 +87,14 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            // Nothing buffered: let the connection read, then look again.
+            if let Some(conn) = this.release.as_mut().and_then(|r| r.h1.as_mut()) {
+                conn.drive(cx);
+                polled = Pin::new(&mut this.inner).poll_frame(cx);
+            }
+        }
         match &polled {
             Poll::Ready(None) => this.finish(true),
             // Release as soon as the last frame is out (known-length bodies), not one poll later.
