@@ -9,6 +9,9 @@
 # request, on falling behind the rate by more than 10 %, or when the mean memory of the last third
 # exceeds that of the middle third by more than 10 % + 4 MiB.
 #
+# The rate check compares with a peak measured once, at the start: on a machine whose load changes
+# during the run (other builds starting), it fails for that reason alone. Run it on a quiet machine.
+#
 # Usage: bench/soak.sh [seconds]        (default 600)
 #        SOAK_PROFILE=release bench/soak.sh   to measure an optimised build
 # Needs: curl, openssl (Debian), the Rust toolchain.
