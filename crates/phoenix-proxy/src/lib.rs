@@ -20,3 +20,4 @@ pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod whoami;
+pub mod workers;

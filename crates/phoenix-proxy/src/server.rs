@@ -69,6 +69,38 @@ impl Proxy {
     ) -> io::Result<()> {
         serve(self, listener, None, shutdown).await
     }
+
+    /// Serves HTTPS on `listener` from `workers` threads, each with its own single-threaded runtime
+    /// (see [`crate::workers`]), until `shutdown`; returns when every worker has drained. The
+    /// connection cap is shared by all workers.
+    pub async fn serve_tls_on_workers(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        workers: usize,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        // Health checks live on the caller's runtime, which outlives the workers' connections.
+        self.start_health_checks(&shutdown);
+        let semaphore = connection_cap(&self.settings.limits);
+        let acceptor = TlsAcceptor::from(tls);
+        let role = self.settings.role;
+        let stop = shutdown.clone();
+        crate::workers::run(role, listener, workers, &stop, move |listener| {
+            accept_loop(
+                self.clone(),
+                listener,
+                Some(acceptor.clone()),
+                semaphore.clone(),
+                shutdown.clone(),
+            )
+        })
+        .await
+    }
+}
+
+fn connection_cap(limits: &ListenerLimits) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limits.max_connections.max(1)))
 }
 
 /// The HTTP server settings of a listener.
@@ -112,9 +144,21 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     proxy.start_health_checks(&shutdown);
+    let semaphore = connection_cap(&proxy.settings.limits);
+    accept_loop(proxy, listener, tls, semaphore, shutdown).await
+}
+
+/// Accepts connections on `listener` while a permit of `semaphore` is free, until `shutdown`;
+/// then drains them (see the module documentation).
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    semaphore: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let limits = proxy.settings.limits.clone();
     let role = proxy.settings.role;
-    let semaphore = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let tracker = TaskTracker::new();
     let force = CancellationToken::new();
     let builder = Arc::new(builder(&limits));

@@ -318,8 +318,9 @@ impl Gateway {
             ));
         }
         tracing::info!(listen = %cfg.listen, mesh = %cfg.mesh, mtls = cfg.mtls, "gateway serving");
+        let workers = phoenix_proxy::workers::from_env().map_err(anyhow::Error::msg)?;
         proxy
-            .serve_tls(listener, server_config, shutdown.clone())
+            .serve_tls_on_workers(listener, server_config, workers, shutdown.clone())
             .await?;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}

@@ -268,6 +268,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
+    if matches!(
+        command,
+        Command::Up { .. } | Command::Gateway { .. } | Command::Mesh { .. }
+    ) {
+        // Refused before anything is bound, like a bad topology file.
+        phoenix_proxy::workers::from_env().map_err(anyhow::Error::msg)?;
+    }
     match command {
         Command::Ca { command } => run_ca(command),
         Command::Up { config, trust } => runtime()?

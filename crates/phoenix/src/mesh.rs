@@ -291,8 +291,9 @@ impl Mesh {
             })
         };
 
+        let workers = phoenix_proxy::workers::from_env().map_err(anyhow::Error::msg)?;
         proxy
-            .serve_tls(listener, server_config, shutdown.clone())
+            .serve_tls_on_workers(listener, server_config, workers, shutdown.clone())
             .await?;
         shutdown.cancel();
         let _ = watch_task.await;

@@ -1,8 +1,8 @@
 //! TLS of the three listeners (gateway, mesh, CA) of the real processes, probed with
 //! `openssl s_client`: TLS 1.0 and 1.1 are refused, TLS 1.2 without an AEAD suite is refused,
 //! TLS 1.2 and 1.3 negotiate AEAD suites only, and each listener sends a chain (leaf and
-//! intermediate) that verifies against the Phoenix root for its name. The slower, broader scan with
-//! testssl.sh is `bench/testssl.sh`; its last result is summarised in docs/SECURITY.md.
+//! intermediate) that verifies against the Phoenix root for its name. The broader scan with
+//! testssl.sh is `hardening_testssl.rs`.
 
 mod common;
 mod flow_support;

@@ -4,7 +4,8 @@
 //! can use `try_send_request`, which hands back a request that was provably never written, making a
 //! retry safe even for a POST.
 //!
-//! - **HTTP/1.1** (`http://`, `https://` without h2): an idle list per server, newest last (LIFO keeps
+//! - **HTTP/1.1** (`http://`, `https://` without h2): an idle list per server and worker thread (see
+//!   `crate::workers`), newest last (LIFO keeps
 //!   few connections warm and lets the rest expire), at most [`MAX_IDLE`] of them, each reused for at
 //!   most [`IDLE_TIMEOUT`]. That timeout is short on purpose: common backends (Node.js, uvicorn) close
 //!   idle keep-alive connections after 5 s, and a request written into a connection the server is
@@ -146,7 +147,9 @@ pub(crate) struct Endpoint {
     pub(crate) in_flight: AtomicUsize,
     tls: Option<TlsSettings>,
     connect_timeout: Duration,
-    h1_idle: Mutex<VecDeque<Idle>>,
+    /// Idle HTTP/1.1 connections, one list per worker (`crate::workers::slot`): a connection is
+    /// driven by the runtime whose reactor registered its socket.
+    h1_idle: Box<[Mutex<VecDeque<Idle>>]>,
     h2: Mutex<H2Slot>,
     h2_changed: Notify,
     /// The server did not select h2 in ALPN: speak HTTP/1.1 to it from now on.
@@ -172,7 +175,9 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             tls,
             connect_timeout,
-            h1_idle: Mutex::new(VecDeque::new()),
+            h1_idle: (0..crate::workers::slots())
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
             h2: Mutex::new(H2Slot::default()),
             h2_changed: Notify::new(),
             h2_refused: AtomicBool::new(false),
@@ -297,7 +302,7 @@ impl Endpoint {
     /// the meantime shows when it is driven again, before the request is written (see `h1`).
     fn h1_checkout(&self) -> Option<H1Conn> {
         let now = Instant::now();
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle_list().lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let entry = idle.pop_back()?;
             if now.duration_since(entry.since) > IDLE_TIMEOUT {
@@ -314,8 +319,15 @@ impl Endpoint {
     /// Drops idle HTTP/1.1 connections past [`IDLE_TIMEOUT`]; hyper then closes them.
     pub(crate) fn close_expired_idle(&self) {
         let now = Instant::now();
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT && !c.conn.is_closed());
+        for list in &self.h1_idle {
+            let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT && !c.conn.is_closed());
+        }
+    }
+
+    /// The idle list of the current thread's worker.
+    fn idle_list(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.h1_idle[crate::workers::slot() % self.h1_idle.len()]
     }
 
     /// Called by [`ResponseBody`] when a response on `conn` ended cleanly.
@@ -324,7 +336,7 @@ impl Endpoint {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle_list().lock().unwrap_or_else(|p| p.into_inner());
         while idle
             .front()
             .is_some_and(|c| now.duration_since(c.since) > IDLE_TIMEOUT)
