@@ -39,7 +39,9 @@
 #
 # Needs (Debian): nginx haproxy caddy wrk nghttp2-client lego python3 curl openssl, and root (it adds
 # the bench names to /etc/hosts and binds port 80 for http-01), and a hard `ulimit -n` above IDLE+1000.
-# Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS BENCH_DIR PHOENIX_BIN (skip the build).
+# Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS BENCH_DIR PHOENIX_BIN (skip the build),
+# FIGURES (a subset of "ka close h2 idle sse acme"; the CPU and peak RSS figures come with ka), and
+# PHOENIX_BIN_B with the chain `phoenixb` (CHAINS="nginx phoenix phoenixb") to compare two builds.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,6 +51,8 @@ fi
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-10}; CONNS=${CONNS:-50}; IDLE=${IDLE:-10000}
 SSE_SAMPLES=${SSE_SAMPLES:-40}; ACME_RUNS=${ACME_RUNS:-5}
 CHAINS=${CHAINS:-"direct nginx haproxy caddy phoenix"}
+FIGURES=${FIGURES:-"ka close h2 idle sse acme"}
+want() { case " $FIGURES " in *" $1 "*) return 0;; *) return 1;; esac; }
 W=${BENCH_DIR:-/tmp/phoenix-bench}
 HOST=app.bench.test
 TICK=$(getconf CLK_TCK)
@@ -277,6 +281,10 @@ start_phoenix() {
 }
 stop_phoenix() { kill $PG $PM 2>/dev/null; wait $PG $PM 2>/dev/null || true; }
 pids_phoenix() { CHAIN_PIDS="$PG $PM"; GW_PIDS=$PG; }
+# phoenixb: the same chain with a second binary ($PHOENIX_BIN_B), for an A/B of a change in one run.
+start_phoenixb() { local BIN=${PHOENIX_BIN_B:?set PHOENIX_BIN_B for the phoenixb chain}; start_phoenix; }
+stop_phoenixb() { stop_phoenix; }
+pids_phoenixb() { pids_phoenix; }
 
 start_direct() { PORT=18080; }
 stop_direct() { :; }
@@ -306,11 +314,13 @@ measure() { # chain
   add "$c" cpu "$(awk -v t=$((t1 - t0)) -v hz="$TICK" -v n="$reqs" 'BEGIN{printf "%.3f", t/hz/n*10000}')"
   echo "$out" | grep -E "Non-2xx|Socket errors" | sed "s/^/  $c keep-alive: /" >&2 || true
 
-  out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "$(url "$c")")
-  echo "$out" > "wrk-close-$c.out"
-  add "$c" close "$(echo "$out" | awk '/Requests\/sec/{print $2}')"
+  if want close; then
+    out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "$(url "$c")")
+    echo "$out" > "wrk-close-$c.out"
+    add "$c" close "$(echo "$out" | awk '/Requests\/sec/{print $2}')"
+  fi
 
-  if [ "$c" != direct ]; then
+  if [ "$c" != direct ] && want h2; then
     out=$(h2load -c"$CONNS" -m10 -t1 -D"$SECS" "$(url "$c")" 2>&1)
     echo "$out" > "h2load-$c.out"
     add "$c" h2 "$(echo "$out" | awk '/^finished in/{print $4}')"
@@ -318,7 +328,7 @@ measure() { # chain
   fi
   add "$c" peak "$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))"
 
-  if [ "$c" != direct ]; then
+  if [ "$c" != direct ] && want idle; then
     local fifo=idle.out ready
     rm -f $fifo
     python3 "$ROOT/bench/idle_conns.py" 127.0.0.1 "$PORT" $HOST "$IDLE" 100 120 > $fifo 2>idle.err </dev/null & local ip=$!
@@ -328,6 +338,10 @@ measure() { # chain
     add "$c" idle "$(( $(kb_sum VmRSS "$GW_PIDS") / 1024 ))"
     [ "${ready:-}" = "ready $IDLE 0" ] || echo "  $c idle: ${ready:-no answer} (opened, failed)" >&2
     kill $ip 2>/dev/null || true; wait $ip 2>/dev/null || true
+  fi
+  if ! want sse; then
+    :
+  elif [ "$c" != direct ]; then
     add "$c" sse "$(python3 "$ROOT/bench/sse_ttfb.py" "https://$HOST:$PORT/sse?count=2&interval=100" "$SSE_SAMPLES" "$ROOTPEM" | awk '{print $1}')"
   else
     add "$c" sse "$(python3 "$ROOT/bench/sse_ttfb.py" "http://$HOST:18001/sse?count=2&interval=100" "$SSE_SAMPLES" | awk '{print $1}')"
@@ -370,6 +384,7 @@ https://acme.bench.test:27000 {
 	acme_server
 }
 EOF
+if want acme; then
 PHOENIX_LOG=warn "$BIN" ca serve --config phoenix.toml >phoenix-ca.log 2>&1 & PCA=$!; PIDS+=($PCA)
 HOME=$W caddy run --adapter caddyfile --config acme.Caddyfile >caddy-acme.log 2>&1 & CCA=$!; PIDS+=($CCA)
 for _ in $(seq 1 100); do
@@ -392,6 +407,7 @@ for i in $(seq 1 "$ACME_RUNS"); do
   add caddy acme "$(lego_once caddy "$W/caddy-acme/pki/authorities/local/root.crt" https://acme.bench.test:27000/acme/local/directory)"
 done
 kill $PCA $CCA 2>/dev/null || true
+fi
 
 # --------------------------------------------------------------------------------------------------
 # Report: medians, and ratios to nginx.
