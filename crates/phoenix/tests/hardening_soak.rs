@@ -95,12 +95,16 @@ async fn soak_at_70_percent_of_peak_fails_nothing_and_keeps_memory_flat() {
     let mesh = flow.mesh.as_ref().unwrap().child.id();
     let counts = Arc::new(Counts::default());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
+    // Sampled until the last request is answered, however long the load takes.
+    let (stop_sampling, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let sampler = tokio::spawn(async move {
         let mut samples = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        for _ in 0..secs {
-            tick.tick().await;
-            samples.push((rss_kib(gateway), rss_kib(mesh)));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => samples.push((rss_kib(gateway), rss_kib(mesh))),
+                _ = &mut stopped => break,
+            }
         }
         samples
     });
@@ -119,6 +123,7 @@ async fn soak_at_70_percent_of_peak_fails_nothing_and_keeps_memory_flat() {
     }
     let _all = in_flight.acquire_many(256).await.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
+    let _ = stop_sampling.send(());
     let samples = sampler.await.unwrap();
 
     let (ok, failed) = (
@@ -126,20 +131,30 @@ async fn soak_at_70_percent_of_peak_fails_nothing_and_keeps_memory_flat() {
         counts.failed.load(Ordering::Relaxed),
     );
     let third = samples.len() / 3;
-    let series = |pick: fn(&(u64, u64)) -> u64| -> (f64, f64) {
+    // Mean resident size of the first (warm-up), middle and last thirds.
+    let series = |pick: fn(&(u64, u64)) -> u64| -> (f64, f64, f64) {
         let v: Vec<u64> = samples.iter().map(pick).collect();
-        (mean(&v[third..2 * third]), mean(&v[2 * third..]))
+        (
+            mean(&v[..third]),
+            mean(&v[third..2 * third]),
+            mean(&v[2 * third..]),
+        )
     };
-    let (gw_mid, gw_end) = series(|s| s.0);
-    let (mesh_mid, mesh_end) = series(|s| s.1);
+    let (gw_start, gw_mid, gw_end) = series(|s| s.0);
+    let (mesh_start, mesh_mid, mesh_end) = series(|s| s.1);
+    let mib = |kib: f64| kib / 1024.0;
     println!(
         "soak: peak {peak:.0} req/s, target {rate:.0} req/s, achieved {:.0} req/s over {elapsed:.0} s; \
-         {ok} ok, {failed} failed; gateway RSS {:.1} -> {:.1} MiB, mesh RSS {:.1} -> {:.1} MiB",
+         {ok} ok, {failed} failed; {} memory samples; gateway RSS {:.1} / {:.1} / {:.1} MiB, \
+         mesh RSS {:.1} / {:.1} / {:.1} MiB (means of the first, middle and last thirds)",
         ok as f64 / elapsed,
-        gw_mid / 1024.0,
-        gw_end / 1024.0,
-        mesh_mid / 1024.0,
-        mesh_end / 1024.0
+        samples.len(),
+        mib(gw_start),
+        mib(gw_mid),
+        mib(gw_end),
+        mib(mesh_start),
+        mib(mesh_mid),
+        mib(mesh_end)
     );
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
     assert_eq!(ok, total);
