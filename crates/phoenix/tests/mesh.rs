@@ -369,3 +369,69 @@ fn sigterm_drains_and_exits_zero() {
     let mut mesh = start_mesh("", "");
     assert!(mesh.proc.terminate().success(), "{}", mesh.proc.log());
 }
+
+/// `PHOENIX_WORKERS` sets how many threads serve the TLS listener (each with its own runtime, see
+/// phoenix_proxy::workers); a value that is not a count is refused before any port is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serve_the_listener_and_a_bad_count_is_refused_before_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir_buf = tmp.path().to_owned();
+    let dir = dir_buf.as_path();
+    let backend = free_port();
+    let _whoami = start_whoami(dir, "w", backend);
+    let ca = TestCa::init(dir, "phoenix.test");
+    ca.issue("mesh.phoenix.test", "mesh");
+    let port = free_port();
+    let config = dir.join("phoenix.toml");
+    let body = format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{backend}\"]\n");
+    std::fs::write(&config, mesh_file(port, free_port(), "", &body)).unwrap();
+
+    for bad in ["0", "many", "5000"] {
+        let out = phoenix()
+            .env("PHOENIX_WORKERS", bad)
+            .arg("mesh")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "PHOENIX_WORKERS={bad} was accepted");
+        assert!(err.contains("PHOENIX_WORKERS"), "{bad}: {err}");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "PHOENIX_WORKERS={bad}: a port was bound"
+        );
+    }
+
+    let mut cmd = phoenix();
+    cmd.env("PHOENIX_WORKERS", "3")
+        .arg("mesh")
+        .arg("--config")
+        .arg(&config);
+    let mut proc = Proc::start("mesh", cmd, dir);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(addr, &mut proc);
+    let mesh = Mesh {
+        _tmp: tmp,
+        dir: dir.to_owned(),
+        ca,
+        config: config.clone(),
+        addr,
+        proc,
+    };
+    // Every connection is served, whichever worker accepted it.
+    for _ in 0..20 {
+        let (status, body) = mesh.get(&mesh.client(), "app.phoenix.test", "/").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["name"], "w");
+    }
+    let pid = mesh.proc.child.id();
+    let mut workers: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("mesh-"))
+        .collect();
+    workers.sort();
+    assert_eq!(workers, ["mesh-0", "mesh-1", "mesh-2"]);
+}
