@@ -164,10 +164,14 @@ impl Proxy {
     }
 
     /// Handles one request of a connection.
+    /// `ambiguous`: the framing scanner found this HTTP/1.1 request's framing ambiguous (see
+    /// `framing`); it is answered 400 and the connection closed, and counted and logged like any
+    /// other refusal.
     pub(crate) async fn handle(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &Arc<ConnInfo>,
+        ambiguous: Option<crate::framing::Ambiguity>,
     ) -> Response<UpstreamBody> {
         let started = Instant::now();
         let request_id = forward::ensure_request_id(req.headers_mut());
@@ -202,6 +206,15 @@ impl Proxy {
                 "client certificate not allowed",
                 &request_id,
             );
+            return self.finish(resp, log, guard);
+        }
+
+        if let Some(reason) = ambiguous {
+            tracing::debug!(peer = %conn.peer, reason = %reason, "ambiguous request framing; refused");
+            let mut resp = error_response(StatusCode::BAD_REQUEST, reason.message(), &request_id);
+            // The bytes after an ambiguous message cannot be trusted to start a request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return self.finish(resp, log, guard);
         }
 

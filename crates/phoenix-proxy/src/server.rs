@@ -29,7 +29,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, Method, Request, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -42,11 +42,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::body::UpstreamBody;
 use crate::config::ListenerLimits;
-use crate::framing::{Ambiguity, FramingIo, Verdicts};
+use crate::framing::{FramingIo, Verdicts};
 use crate::proxy::{ConnInfo, Proxy};
-use crate::{forward, tls};
+use crate::tls;
 
 type Builder = auto::Builder<TokioExecutor>;
 
@@ -418,11 +417,8 @@ async fn serve_http<I>(
             let proxy = proxy.clone();
             let info = info.clone();
             async move {
-                if let Some(reason) = refused {
-                    return Ok::<_, Infallible>(refuse(req, reason));
-                }
                 let connect = req.method() == Method::CONNECT;
-                let resp = proxy.handle(req, &info).await;
+                let resp = proxy.handle(req, &info, refused).await;
                 if let Some(verdicts) = switch {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         || (connect && resp.status().is_success())
@@ -430,7 +426,7 @@ async fn serve_http<I>(
                         verdicts.switched_protocols();
                     }
                 }
-                Ok(resp)
+                Ok::<_, Infallible>(resp)
             }
         })
     };
@@ -488,22 +484,4 @@ async fn serve_http<I>(
             }
         }
     }
-}
-
-/// The answer to a request with ambiguous framing: 400, and the connection closed after it, since
-/// the bytes after an ambiguous message cannot be trusted to start a request.
-fn refuse(mut req: Request<Incoming>, reason: Ambiguity) -> Response<UpstreamBody> {
-    let request_id = forward::ensure_request_id(req.headers_mut());
-    tracing::debug!(
-        reason = %reason,
-        method = %req.method(),
-        path = req.uri().path(),
-        request_id = ?request_id,
-        "ambiguous request framing; refused"
-    );
-    let mut resp =
-        crate::proxy::error_response(StatusCode::BAD_REQUEST, reason.message(), &request_id);
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
 }

@@ -251,13 +251,24 @@ async fn ambiguous_framing_gets_400_and_close_and_never_reaches_the_backend() {
     let backend = Recorder::start().await;
     for role in [Role::Gateway, Role::Mesh] {
         let proxy = start_proxy(&pki, role, ListenerLimits::default(), backend.addr).await;
-        for (name, request) in ambiguous_requests() {
+        let cases = ambiguous_requests();
+        for (name, request) in &cases {
             let bytes = format!("{request}{SMUGGLED}");
             let got = raw_http1(&pki, proxy.addr, HOST, bytes.as_bytes(), WAIT).await;
             assert_refused_with_400(&got, &format!("{role:?} / {name}"));
             let seen = backend.requests();
             assert!(seen.is_empty(), "{role:?} / {name}: {seen:#?}");
         }
+        // Refusals are counted like any other answer, so an operator sees the attempts.
+        let metrics = proxy.metrics_text();
+        let refused = metrics
+            .lines()
+            .find(|l| l.starts_with("requests_total{") && l.contains("code=\"400\""))
+            .unwrap_or_else(|| panic!("{role:?}: no 400 in the metrics:\n{metrics}"));
+        assert!(
+            refused.ends_with(&format!(" {}", cases.len())),
+            "{role:?}: {refused}"
+        );
     }
 }
 

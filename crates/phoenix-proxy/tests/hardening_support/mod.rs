@@ -225,7 +225,17 @@ pub enum Role {
 pub struct Running {
     pub addr: SocketAddr,
     pub proxy: Arc<Proxy>,
+    registry: Registry,
     shutdown: CancellationToken,
+}
+
+impl Running {
+    /// The proxy's metrics in the Prometheus text format (what its admin listener serves).
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
 }
 
 impl Drop for Running {
@@ -317,6 +327,7 @@ pub async fn start_proxy_with(
     Running {
         addr,
         proxy,
+        registry,
         shutdown,
     }
 }
