@@ -66,6 +66,14 @@ ulimit -n "$(ulimit -Hn)"
   || { echo "bench: ulimit -n is $(ulimit -n), too low for IDLE=$IDLE" >&2; exit 1; }
 grep -q " $HOST " /etc/hosts || echo "127.0.0.1 $HOST mesh.bench.test gateway.bench.test lego.bench.test acme.bench.test " >> /etc/hosts
 
+# A process left over from an earlier run (or anything else) on one of the ports would silently
+# take part in the measurement (nginx's backend uses reuseport): refuse to start instead.
+busy=""
+for port in 18080 18001 18443 19443 14443 15443 28443 29443 24443 25443 24000 24901 24902 27000 80; do
+  [ -n "$(ss -Hltn "sport = :$port")" ] && busy+=" $port"
+done
+[ -z "$busy" ] || { echo "bench: ports in use:$busy (stop what listens there: ss -ltnp)" >&2; exit 1; }
+
 if [ -z "${PHOENIX_BIN:-}" ]; then
   (cd "$ROOT" && cargo build --release -p phoenix) || { echo "bench: release build failed" >&2; exit 1; }
   PHOENIX_BIN=$ROOT/target/release/phoenix
