@@ -22,7 +22,7 @@
 //! The scanner refuses nothing else. Whatever it does not follow makes it stop looking for the rest
 //! of the connection: a head or chunked body that hyper will refuse itself (hyper then answers 400
 //! and closes), a head over the size limit (431 from hyper), the HTTP/2 connection preface, and a
-//! protocol switch (101, or a CONNECT tunnel; the service reports those, since the bytes that follow
+//! protocol switch (a 101; the service reports it, since the bytes that follow
 //! are no longer HTTP/1.1). Once stopped it costs one branch per read.
 //!
 //! Cost on the hot path: a head that arrives in one read is scanned in place, line by line, with a

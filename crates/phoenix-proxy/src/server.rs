@@ -29,7 +29,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{header, Method, Request, StatusCode, Version};
+use http::{header, Request, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -409,20 +409,18 @@ async fn serve_http<I>(
             } else {
                 None
             };
-            // hyper switches protocols after a 101 (or a 2xx to CONNECT); the scanner must then
-            // stop reading the tunnel as HTTP/1.1.
-            let may_switch = req.version() == Version::HTTP_11
-                && (req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE));
+            // hyper switches protocols after a 101 to an Upgrade request; the scanner must then
+            // stop reading the tunnel as HTTP/1.1. (CONNECT, the other way to a tunnel, is refused
+            // by the proxy.)
+            let may_switch =
+                req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
             let switch = may_switch.then(|| verdicts.clone());
             let proxy = proxy.clone();
             let info = info.clone();
             async move {
-                let connect = req.method() == Method::CONNECT;
                 let resp = proxy.handle(req, &info, refused).await;
                 if let Some(verdicts) = switch {
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                        || (connect && resp.status().is_success())
-                    {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         verdicts.switched_protocols();
                     }
                 }

@@ -64,9 +64,7 @@ impl H1Conn {
     pub(crate) fn drive(&mut self, cx: &mut Context<'_>) {
         if let Some(driver) = self.driver.as_mut() {
             if let Poll::Ready(result) = Pin::new(&mut **driver).poll(cx) {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-                }
+                log_end(result);
                 self.driver = None;
             }
         }
@@ -84,11 +82,7 @@ impl H1Conn {
     /// then works like one of hyper's usual connections.
     pub(crate) fn detach(&mut self) {
         if let Some(driver) = self.driver.take() {
-            tokio::spawn(async move {
-                if let Err(e) = driver.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
-                }
-            });
+            tokio::spawn(async move { log_end(driver.with_upgrades().await) });
         }
     }
 
@@ -101,15 +95,12 @@ impl H1Conn {
     ) -> Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>> {
         // A connection taken from the pool finishes its previous exchange (and notices a close by
         // the server) when driven; only then does hyper accept the next request.
-        let ready = std::future::poll_fn(|cx| {
+        // If it turns out closed, `try_send_request` below refuses the request and returns it.
+        let _ = std::future::poll_fn(|cx| {
             self.drive(cx);
             self.tx.poll_ready(cx)
         })
         .await;
-        if ready.is_err() && self.driver.is_none() {
-            // Closed: `try_send_request` below refuses the request and returns it.
-            tracing::debug!("pooled upstream connection was closed by the server");
-        }
         let mut response = std::pin::pin!(self.tx.try_send_request(req));
         std::future::poll_fn(|cx| {
             // The response first: once it is there, the next poll of the driver belongs to the body.
@@ -120,6 +111,12 @@ impl H1Conn {
             response.as_mut().poll(cx)
         })
         .await
+    }
+}
+
+fn log_end(result: hyper::Result<()>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
     }
 }
 
