@@ -43,6 +43,14 @@ use base64::Engine;
 pub use config::{AcmeConfig, CaConfig, ValidationTarget};
 pub use error::CaError;
 
+/// The TLS client configuration this CA validates tls-alpn-01 challenges with (RFC 8737: ALPN
+/// `acme-tls/1`, any self-signed certificate, the handshake signature checked with that
+/// certificate's key). Public so that an ACME client's tests can check their challenge answers the
+/// way the CA will; it verifies no chain, so it is for nothing else.
+pub fn tls_alpn01_validation_client_config() -> Result<rustls::ClientConfig, CaError> {
+    validation::insecure_challenge_tls::client_config()
+}
+
 use crate::acme::AcmeState;
 use crate::authority::{Authority, SubjectName};
 use crate::config::Policy;

@@ -333,9 +333,9 @@ fn check_alpn_certificate(
 /// *self-signed* certificate built for this challenge: there is no chain to verify, by design.
 /// What the validator checks instead is the certificate's content (SAN and acmeIdentifier,
 /// `check_alpn_certificate`), and the handshake signature still has to verify with that
-/// certificate's key. This configuration is used only for tls-alpn-01 and never leaves this
-/// module.
-mod insecure_challenge_tls {
+/// certificate's key. This configuration is used only for tls-alpn-01; outside this module it is
+/// offered only as [`crate::tls_alpn01_validation_client_config`], for ACME clients' tests.
+pub(crate) mod insecure_challenge_tls {
     use std::sync::Arc;
 
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -432,7 +432,7 @@ mod insecure_challenge_tls {
         SignatureScheme::RSA_PKCS1_SHA512,
     ];
 
-    pub(super) fn client_config() -> Result<rustls::ClientConfig, crate::CaError> {
+    pub(crate) fn client_config() -> Result<rustls::ClientConfig, crate::CaError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -778,60 +778,12 @@ mod tests {
 
     /// What a validation server sees (RFC 8737 section 3): over ALPN `acme-tls/1` with the
     /// identifier as SNI, exactly the challenge certificate, whose acmeIdentifier holds
-    /// SHA-256(key authorization); nothing once the challenge is withdrawn. The validator here
-    /// checks the handshake signature against the raw public key, because webpki refuses the
-    /// (required) critical acmeIdentifier extension.
+    /// SHA-256(key authorization); nothing once the challenge is withdrawn. The client is the
+    /// phoenix CA's own validator configuration.
     #[tokio::test]
     async fn tls_alpn01_answer_is_the_rfc8737_certificate() {
-        use rustls::client::danger::{
-            HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-        };
-        use rustls::{DigitallySignedStruct, SignatureScheme};
-        use rustls_pki_types::{ServerName, SubjectPublicKeyInfoDer, UnixTime};
+        use rustls_pki_types::ServerName;
 
-        #[derive(Debug)]
-        struct RawKeyValidator(Arc<rustls::crypto::CryptoProvider>);
-        impl ServerCertVerifier for RawKeyValidator {
-            fn verify_server_cert(
-                &self,
-                _: &CertificateDer<'_>,
-                _: &[CertificateDer<'_>],
-                _: &ServerName<'_>,
-                _: &[u8],
-                _: UnixTime,
-            ) -> Result<ServerCertVerified, rustls::Error> {
-                Ok(ServerCertVerified::assertion())
-            }
-            fn verify_tls12_signature(
-                &self,
-                _: &[u8],
-                _: &CertificateDer<'_>,
-                _: &DigitallySignedStruct,
-            ) -> Result<HandshakeSignatureValid, rustls::Error> {
-                Err(rustls::Error::General("TLS 1.3 only".into()))
-            }
-            fn verify_tls13_signature(
-                &self,
-                message: &[u8],
-                cert: &CertificateDer<'_>,
-                dss: &DigitallySignedStruct,
-            ) -> Result<HandshakeSignatureValid, rustls::Error> {
-                let spki = phoenix_pki::parse_cert(cert.as_ref())
-                    .map_err(|e| rustls::Error::General(e.to_string()))?
-                    .spki_der;
-                rustls::crypto::verify_tls13_signature_with_raw_key(
-                    message,
-                    &SubjectPublicKeyInfoDer::from(spki),
-                    dss,
-                    &self.0.signature_verification_algorithms,
-                )
-            }
-            fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-                self.0.signature_verification_algorithms.supported_schemes()
-            }
-        }
-
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let resolver = CertResolver::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(phoenix_proxy::tls::server_config(
             resolver.clone(),
@@ -847,13 +799,7 @@ mod tests {
                 });
             }
         });
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(RawKeyValidator(provider)))
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+        let config = phoenix_ca::tls_alpn01_validation_client_config().unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let validate = |sni: &'static str| {
             let connector = connector.clone();
