@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -210,6 +210,42 @@ enum KeyForm {
     Kid,
     /// revokeCert: either.
     Either,
+}
+
+/// Which key form a resource accepts, as a type, for [`Signed`].
+trait KeyRule {
+    const FORM: KeyForm;
+}
+struct ByJwk;
+struct ByKid;
+struct ByEither;
+impl KeyRule for ByJwk {
+    const FORM: KeyForm = KeyForm::Jwk;
+}
+impl KeyRule for ByKid {
+    const FORM: KeyForm = KeyForm::Kid;
+}
+impl KeyRule for ByEither {
+    const FORM: KeyForm = KeyForm::Either;
+}
+
+/// A POST signed as RFC 8555 section 6.2 requires, checked by [`authenticate`] with the key form
+/// `K` before the handler runs; a request that fails gets the problem document.
+struct Signed<K>(Authed, std::marker::PhantomData<K>);
+
+impl<K: KeyRule> FromRequest<Arc<AcmeState>> for Signed<K> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, s: &Arc<AcmeState>) -> Result<Self, Response> {
+        let (headers, uri) = (req.headers().clone(), req.uri().clone());
+        // The body extractor applies the router's body limit, as a `Bytes` argument did.
+        let body = Bytes::from_request(req, s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        authenticate(s, &headers, &uri, &body, K::FORM)
+            .map(|authed| Signed(authed, std::marker::PhantomData))
+            .map_err(IntoResponse::into_response)
+    }
 }
 
 fn authenticate(
@@ -424,11 +460,8 @@ fn check_contacts(contacts: &[String]) -> Result<(), Problem> {
 
 async fn new_account(
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByJwk>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Jwk)?;
     let jwk = req
         .jwk
         .clone()
@@ -558,11 +591,8 @@ struct AccountUpdate {
 async fn account(
     Path(id): Path<String>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let me = req.account()?;
     if me.id != id {
         return Err(Problem::unauthorized(
@@ -612,11 +642,8 @@ async fn account(
 async fn account_orders(
     Path(id): Path<String>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     if req.account()?.id != id {
         return Err(Problem::unauthorized(
             "an account's orders can only be listed by its own key",
@@ -643,11 +670,8 @@ async fn account_orders(
 
 async fn key_change(
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let acct = req.account()?.clone();
     let inner_value: Value = req.json()?;
     let inner = Jws::parse_value(&inner_value)?;
@@ -848,11 +872,8 @@ fn parse_cert_id(id: &str) -> Option<(Vec<u8>, String)> {
 
 async fn new_order(
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let acct = req.account()?.clone();
     let payload: NewOrderReq = req.json()?;
     if payload.identifiers.is_empty() || payload.identifiers.len() > MAX_IDENTIFIERS {
@@ -946,11 +967,8 @@ fn owned_order(s: &AcmeState, req: &Authed, id: &str) -> Result<OrderRec, Proble
 async fn order(
     Path(id): Path<String>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     if !req.is_post_as_get() {
         return Err(Problem::malformed(
             "orders are read with POST-as-GET (empty payload)",
@@ -1045,11 +1063,8 @@ fn issuance_problem(e: phoenix_pki::PkiError) -> Problem {
 async fn finalize(
     Path(id): Path<String>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let acct = req.account()?.clone();
     let o = owned_order(&s, &req, &id)?;
     let status = effective_order_status(&o, unix_now());
@@ -1151,11 +1166,8 @@ fn owned_authz(s: &AcmeState, req: &Authed, id: &str) -> Result<AuthzRec, Proble
 async fn authorization(
     Path(id): Path<String>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let mut a = owned_authz(&s, &req, &id)?;
     if !req.is_post_as_get() {
         let upd: AccountUpdate = req.json()?;
@@ -1197,11 +1209,8 @@ async fn authorization(
 async fn challenge(
     Path((authz_id, kind)): Path<(String, String)>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     let a = owned_authz(&s, &req, &authz_id)?;
     if !a.challenges.iter().any(|c| c.kind == kind) {
         return Err(Problem::not_found("challenge"));
@@ -1304,11 +1313,8 @@ fn cert_der(c: &CertRec) -> Result<Vec<u8>, Problem> {
 async fn certificate(
     Path(serial): Path<String>,
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByKid>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Kid)?;
     if !req.is_post_as_get() {
         return Err(Problem::malformed(
             "certificates are downloaded with POST-as-GET (empty payload)",
@@ -1337,11 +1343,8 @@ const ALLOWED_REASONS: &[i64] = &[0, 1, 3, 4, 5, 9];
 
 async fn revoke_cert(
     State(s): State<Arc<AcmeState>>,
-    headers: HeaderMap,
-    uri: Uri,
-    body: Bytes,
+    Signed(req, ..): Signed<ByEither>,
 ) -> Result<Response, Problem> {
-    let req = authenticate(&s, &headers, &uri, &body, KeyForm::Either)?;
     #[derive(Deserialize)]
     struct RevokeReq {
         certificate: String,
