@@ -399,8 +399,14 @@ impl Endpoint {
     }
 
     /// TCP (+ TLS) + HTTP handshake within the connect timeout.
+    ///
+    /// The handshake's state machine (a TLS client connection among others) is boxed: it is many
+    /// kilobytes, and unboxed it would be part of the future of every request sent through this
+    /// endpoint, which is moved into a box per request (`Service::send`), where it cost a copy of
+    /// that size even when a pooled connection is used.
     async fn connect(&self, h2: bool) -> Result<Conn, BoxError> {
-        match tokio::time::timeout(self.connect_timeout, self.connect_inner(h2, None)).await {
+        let connect = Box::pin(self.connect_inner(h2, None));
+        match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(result) => result,
             Err(_) => Err(format!("no connection within {:?}", self.connect_timeout).into()),
         }
@@ -412,7 +418,7 @@ impl Endpoint {
         h2: bool,
         used: &mut Option<crate::trace::UpstreamConn>,
     ) -> Result<Conn, BoxError> {
-        let connect = self.connect_inner(h2, Some(used));
+        let connect = Box::pin(self.connect_inner(h2, Some(used)));
         match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(result) => result,
             Err(_) => Err(format!("no connection within {:?}", self.connect_timeout).into()),

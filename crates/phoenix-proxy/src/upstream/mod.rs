@@ -590,6 +590,20 @@ mod tests {
         );
     }
 
+    /// The future of one request to a service is moved into a box per request (`Service::send`),
+    /// so its size is copied every time; the connect path, which would make it many kilobytes, is
+    /// boxed separately (`Endpoint::connect`). Without that this future was 9.5 KB
+    /// (2.2 KB with it, in a release build).
+    #[test]
+    fn the_per_request_future_stays_small() {
+        let service = Service::new(&service(&["http://127.0.0.1:1"]), &ctx()).unwrap();
+        let mut last = None;
+        let req = Request::new(crate::body::empty());
+        let future = service.send_with_retries(req, &mut last);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 3072, "send_with_retries future is {size} bytes");
+    }
+
     #[test]
     fn empty_or_all_zero_weight_services_are_refused() {
         assert!(Service::new(&service(&[]), &ctx()).is_err());
