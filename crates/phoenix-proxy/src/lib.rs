@@ -8,6 +8,7 @@ pub mod body;
 pub mod config;
 pub mod forward;
 pub mod framing;
+mod gate;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;

@@ -23,10 +23,13 @@
 //! them (and for upgraded tunnels) before closing whatever is left.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{header, Request, StatusCode, Version};
@@ -44,6 +47,7 @@ use tracing::Instrument;
 
 use crate::config::ListenerLimits;
 use crate::framing::{FramingIo, Verdicts};
+use crate::gate::Gate;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::tls;
 
@@ -430,6 +434,14 @@ async fn serve_http<I>(
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    // Shutdown, forced close, a head that began and the timer are polled only when one of them was
+    // woken, not on every wake-up of the connection (see `gate`).
+    let gate = Gate::new();
+    let mut shutdown = pin!(shutdown.cancelled());
+    let mut force = pin!(force.cancelled());
+    let mut head_changed = pin!(verdicts.head_changed());
+    let mut timer = pin!(tokio::time::sleep_until(Instant::now().into()));
+    let mut armed: Option<Instant> = None;
     let mut draining = false;
     loop {
         let head = verdicts.head_since();
@@ -446,26 +458,56 @@ async fn serve_http<I>(
             // While requests are in flight, look again one idle period later.
             (None, None) => Some(Instant::now() + idle_timeout),
         };
-        tokio::select! {
-            result = conn.as_mut() => {
+        if wake != armed {
+            if let Some(at) = wake {
+                timer.as_mut().reset(at.into());
+            }
+            armed = wake;
+            gate.open();
+        }
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(result));
+            }
+            gate.poll(cx, |cx| {
+                if !draining && shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Shutdown);
+                }
+                if force.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Force);
+                }
+                if head_changed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::HeadChanged);
+                }
+                if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                Poll::Pending
+            })
+        })
+        .await;
+        match event {
+            Event::Ended(result) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 break;
             }
-            _ = shutdown.cancelled(), if !draining => {
+            Event::Shutdown => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = force.cancelled() => break,
+            Event::Force => break,
             // A head began or ended (or the scanner stopped): the deadline is computed again at
             // the top of the loop.
-            _ = verdicts.head_changed() => {}
-            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
+            Event::HeadChanged => head_changed.set(verdicts.head_changed()),
+            Event::Timer => {
+                armed = None;
                 let idle = info.is_idle_since();
                 match verdicts.head_since() {
                     Some(head) => {
-                        if idle.is_some_and(|idle| head.max(idle).elapsed() >= header_read_timeout) {
+                        if idle.is_some_and(|idle| head.max(idle).elapsed() >= header_read_timeout)
+                        {
                             // Like hyper's own header timeout: no answer, the connection is cut.
                             tracing::debug!("header read timeout; closing the connection");
                             break;
@@ -482,4 +524,13 @@ async fn serve_http<I>(
             }
         }
     }
+}
+
+/// What woke the connection loop of `serve_http`.
+enum Event<E> {
+    Ended(Result<(), E>),
+    Shutdown,
+    Force,
+    HeadChanged,
+    Timer,
 }
