@@ -7,10 +7,16 @@
 //! direct peer is one of the `trusted_proxies` (then we append to them), otherwise they are replaced.
 //! Every request carries an `X-Request-Id`, kept from a trusted or well-formed incoming one or
 //! generated here, and echoed on the response so a client can quote it when reporting a problem.
+//!
+//! These functions run on every request, so they avoid the formatting machinery and intermediate
+//! strings: new values are written once into a buffer of exactly their length, which then becomes
+//! the header value's storage.
 
-use std::net::IpAddr;
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, Ipv4Addr};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{self, GetAll, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -54,16 +60,23 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// True when the request asks for a protocol upgrade (WebSocket and the like): `Connection: upgrade`
 /// together with an `Upgrade` header.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    headers.contains_key(header::UPGRADE)
+        && list_elements(headers.get_all(header::CONNECTION))
+            .any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
+/// The comma-separated elements of a list header's values (`Connection`, `TE`), without the
+/// surrounding whitespace; values that are not text are skipped.
+fn list_elements<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    values
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        // Header text holds no other whitespace than spaces and tabs, so the ASCII trim is the
+        // whole trim, without `str::trim`'s UTF-8 decoding.
+        .map(str::trim_ascii)
 }
 
 /// Removes hop-by-hop headers, including those named in `Connection`. `TE` is kept only as
@@ -71,37 +84,50 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// (an upgrade request or a 101 response), `Upgrade` is kept and `Connection: upgrade` restored, so
 /// the upgrade can continue on the next hop.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Names listed in Connection are hop-by-hop too; collect them before Connection goes away.
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    // One pass over the names finds which hop-by-hop headers are present: most messages carry none
+    // but `Connection`, and a removal of an absent name still costs a hash and a probe.
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == header::TE {
+            te = true;
+        }
+    }
+    if !te && !present.contains(&true) {
+        return;
+    }
     let upgrade_value = if upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+    // Names listed in Connection are hop-by-hop too. Its values are cloned (a reference count, not
+    // a copy) so that the names can be removed while they are read; a message has at most one
+    // Connection line in practice, so `more` stays empty and unallocated.
+    let mut connection = headers.get_all(header::CONNECTION).iter().cloned();
+    let first = connection.next();
+    let more: Vec<HeaderValue> = connection.collect();
+    for name in list_elements(first.iter().chain(&more)) {
+        // Removing by `&str` looks the name up without building a `HeaderName` (which allocates
+        // for names such as `keep-alive` or `close`); a token that is no valid name matches nothing.
         headers.remove(name);
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("trailers")
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
+    }
+    if te && headers.contains_key(header::TE) {
+        let trailers = list_elements(headers.get_all(header::TE)).any(|t| {
+            let coding = t.split(';').next().unwrap_or("");
+            coding.trim_ascii().eq_ignore_ascii_case("trailers")
         });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.remove(header::TE);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if let Some(value) = upgrade_value {
         headers.insert(header::UPGRADE, value);
@@ -127,51 +153,256 @@ pub struct ForwardInfo<'a> {
 /// client sent is discarded and replaced by what this hop saw.
 pub fn set_forwarded(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     let peer = canonical(info.peer);
-    let peer_text = peer.to_string();
+    let peer_text = IpText::new(peer);
 
-    let previous_xff = if info.peer_trusted {
-        joined(headers, &X_FORWARDED_FOR)
+    let previous = if info.peer_trusted {
+        PreviousList::of(headers, &X_FORWARDED_FOR)
     } else {
         None
     };
-    let xff = match previous_xff {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_text}"),
-        _ => peer_text.clone(),
-    };
-    set_text(headers, &X_FORWARDED_FOR, &xff);
+    let xff = extend_list(previous, peer_text.len(), |out| {
+        out.extend_from_slice(peer_text.as_bytes())
+    });
+    set_value(headers, &X_FORWARDED_FOR, xff);
 
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(info.proto),
-        );
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
     }
     if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match info.host {
-            Some(host) => set_text(headers, &X_FORWARDED_HOST, host),
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
+        let host = info.host.and_then(|host| HeaderValue::from_str(host).ok());
+        set_or_remove(headers, &X_FORWARDED_HOST, host);
+    }
+
+    let element = ForwardedElement {
+        peer: &peer_text,
+        bracketed: peer.is_ipv6(),
+        proto: info.proto,
+        host: info.host.map(ForwardedValue::new),
+    };
+    let previous = if info.peer_trusted {
+        PreviousList::of(headers, &FORWARDED)
+    } else {
+        None
+    };
+    let forwarded = extend_list(previous, element.len(), |out| element.write_to(out));
+    set_value(headers, &FORWARDED, forwarded);
+}
+
+/// A list header's new value: the list a trusted peer sent, if any, then this hop's entry of
+/// `entry_len` bytes, written by `write_entry`.
+fn extend_list(
+    previous: Option<PreviousList<'_>>,
+    entry_len: usize,
+    write_entry: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let len = previous.as_ref().map_or(0, PreviousList::len) + entry_len;
+    // Exactly the length: `Bytes` then takes the buffer over as it is (see `set_value`).
+    let mut out = Vec::with_capacity(len);
+    if let Some(previous) = previous {
+        previous.write_to(&mut out);
+    }
+    write_entry(&mut out);
+    debug_assert_eq!(out.len(), len, "list entry length mismeasured");
+    out
+}
+
+/// The values of a list header (`X-Forwarded-For`, `Forwarded`) that a trusted peer sent, read as
+/// one list: the text values joined by `", "`. Borrowed, so extending the list copies each byte
+/// once, however many lines it came in.
+struct PreviousList<'a> {
+    values: GetAll<'a, HeaderValue>,
+    /// What `write_to` writes: the joined text and the `", "` that leads to the next entry.
+    len: usize,
+}
+
+impl<'a> PreviousList<'a> {
+    /// `None` when there is nothing to extend: no text value, or a single blank one.
+    fn of(headers: &'a HeaderMap, name: &HeaderName) -> Option<Self> {
+        let values = headers.get_all(name);
+        let (mut count, mut len, mut blank) = (0, 0, true);
+        for text in values.iter().filter_map(|v| v.to_str().ok()) {
+            count += 1;
+            len += text.len() + LIST_SEPARATOR.len();
+            // Header text holds no other whitespace than spaces and tabs.
+            blank &= text.bytes().all(|b| b == b' ' || b == b'\t');
+        }
+        // Two or more values are never blank together: the separator between them is not.
+        if count == 0 || (count == 1 && blank) {
+            return None;
+        }
+        Some(PreviousList { values, len })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Writes the list followed by `", "`, ready for the next entry.
+    fn write_to(&self, out: &mut Vec<u8>) {
+        for text in self.values.iter().filter_map(|v| v.to_str().ok()) {
+            out.extend_from_slice(text.as_bytes());
+            out.extend_from_slice(LIST_SEPARATOR);
+        }
+    }
+}
+
+const LIST_SEPARATOR: &[u8] = b", ";
+
+/// This hop's `Forwarded` element: `for=<peer>;proto=<proto>[;host=<host>]`.
+struct ForwardedElement<'a> {
+    peer: &'a IpText,
+    /// RFC 7239 section 6: IPv6 addresses are bracketed and, since `[`, `]` and `:` are not token
+    /// characters, quoted.
+    bracketed: bool,
+    proto: &'a str,
+    host: Option<ForwardedValue<'a>>,
+}
+
+impl ForwardedElement<'_> {
+    /// What `write_to` writes; the two must agree.
+    fn len(&self) -> usize {
+        let node = self.peer.len() + if self.bracketed { 4 } else { 0 };
+        let host = self.host.map_or(0, |h| ";host=".len() + h.len());
+        "for=".len() + node + ";proto=".len() + self.proto.len() + host
+    }
+
+    fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"for=");
+        if self.bracketed {
+            out.extend_from_slice(b"\"[");
+            out.extend_from_slice(self.peer.as_bytes());
+            out.extend_from_slice(b"]\"");
+        } else {
+            out.extend_from_slice(self.peer.as_bytes());
+        }
+        out.extend_from_slice(b";proto=");
+        out.extend_from_slice(self.proto.as_bytes());
+        if let Some(host) = self.host {
+            out.extend_from_slice(b";host=");
+            host.write_to(out);
+        }
+    }
+}
+
+/// A `Forwarded` parameter value: a token as is, anything else as a quoted-string (RFC 7239
+/// section 4).
+#[derive(Clone, Copy)]
+struct ForwardedValue<'a> {
+    text: &'a str,
+    quoted: bool,
+    /// Backslashes and double quotes, each escaped with a backslash when quoted.
+    escapes: usize,
+}
+
+impl<'a> ForwardedValue<'a> {
+    fn new(text: &'a str) -> Self {
+        let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        let quoted = text.is_empty() || !text.bytes().all(is_tchar);
+        let escapes = if quoted {
+            text.bytes().filter(|&b| needs_escape(b)).count()
+        } else {
+            0
+        };
+        ForwardedValue {
+            text,
+            quoted,
+            escapes,
         }
     }
 
-    let mut element = format!("for={}", forwarded_node(peer));
-    element.push_str(";proto=");
-    element.push_str(info.proto);
-    if let Some(host) = info.host {
-        element.push_str(";host=");
-        element.push_str(&forwarded_value(host));
+    /// What `write_to` writes.
+    fn len(&self) -> usize {
+        if self.quoted {
+            self.text.len() + self.escapes + 2
+        } else {
+            self.text.len()
+        }
     }
-    let previous = if info.peer_trusted {
-        joined(headers, &FORWARDED)
-    } else {
-        None
-    };
-    let forwarded = match previous {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
-    set_text(headers, &FORWARDED, &forwarded);
+
+    fn write_to(&self, out: &mut Vec<u8>) {
+        if !self.quoted {
+            out.extend_from_slice(self.text.as_bytes());
+            return;
+        }
+        out.push(b'"');
+        if self.escapes == 0 {
+            out.extend_from_slice(self.text.as_bytes());
+        } else {
+            for b in self.text.bytes() {
+                if needs_escape(b) {
+                    out.push(b'\\');
+                }
+                out.push(b);
+            }
+        }
+        out.push(b'"');
+    }
+}
+
+fn needs_escape(b: u8) -> bool {
+    b == b'\\' || b == b'"'
+}
+
+/// An IP address as text, written on the stack. IPv4, by far the common case, has its own decimal
+/// writer; IPv6 goes through `Display`.
+struct IpText {
+    buf: [u8; IpText::MAX_LEN],
+    len: usize,
+}
+
+impl IpText {
+    /// The longest text of an address, `ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`.
+    const MAX_LEN: usize = 45;
+
+    fn new(ip: IpAddr) -> Self {
+        let mut text = IpText {
+            buf: [0; Self::MAX_LEN],
+            len: 0,
+        };
+        match ip {
+            IpAddr::V4(v4) => text.push_ipv4(v4),
+            IpAddr::V6(v6) => write!(text, "{v6}").expect("an IPv6 address fits in MAX_LEN bytes"),
+        }
+        text
+    }
+
+    fn push_ipv4(&mut self, ip: Ipv4Addr) {
+        for (i, octet) in ip.octets().into_iter().enumerate() {
+            if i > 0 {
+                self.push(b'.');
+            }
+            if octet >= 100 {
+                self.push(b'0' + octet / 100);
+            }
+            if octet >= 10 {
+                self.push(b'0' + octet / 10 % 10);
+            }
+            self.push(b'0' + octet % 10);
+        }
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl fmt::Write for IpText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let dest = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dest.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 /// The address of the original client: the peer itself unless it is a trusted proxy, in which case
@@ -184,12 +415,13 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         return peer;
     }
     let mut client = peer;
-    let values: Vec<&str> = headers
+    let entries = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
+        .rev()
         .filter_map(|v| v.to_str().ok())
-        .collect();
-    for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        .flat_map(|v| v.rsplit(','));
+    for entry in entries {
         let Some(ip) = parse_xff_entry(entry) else {
             break;
         };
@@ -220,59 +452,42 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
         }
     }
     let id = new_request_id();
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    headers.insert(&X_REQUEST_ID, id.clone());
     id
 }
 
 /// A random 128-bit id as 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    HeaderValue::from_bytes(&hex_id(rand::random())).expect("hex is a valid header value")
 }
 
-fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut out: Option<String> = None;
-    for value in headers.get_all(name) {
-        let Ok(text) = value.to_str() else { continue };
-        match &mut out {
-            Some(acc) => {
-                acc.push_str(", ");
-                acc.push_str(text);
-            }
-            None => out = Some(text.to_owned()),
-        }
+/// `id` as 32 lowercase hex digits, most significant first (what `{:032x}` writes).
+fn hex_id(id: u128) -> [u8; 32] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0; 32];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(id.to_be_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
     out
 }
 
-fn set_text(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name.clone(), v);
+/// Sets `name` to `value`, or removes it when that is not a valid header value.
+fn set_value(headers: &mut HeaderMap, name: &'static HeaderName, value: Vec<u8>) {
+    // `Bytes` takes over a buffer whose length is its capacity without copying or allocating, and
+    // `from_maybe_shared` validates it by the same rule as `HeaderValue::from_str`.
+    let value = HeaderValue::from_maybe_shared(Bytes::from(value)).ok();
+    set_or_remove(headers, name, value);
+}
+
+fn set_or_remove(headers: &mut HeaderMap, name: &'static HeaderName, value: Option<HeaderValue>) {
+    match value {
+        Some(v) => {
+            headers.insert(name, v);
         }
-        Err(_) => {
+        None => {
             headers.remove(name);
         }
-    }
-}
-
-/// RFC 7239 section 6: IPv6 addresses are bracketed and, since `[`, `]` and `:` are not token
-/// characters, quoted.
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    }
-}
-
-/// A token as is, anything else as a quoted-string (RFC 7239 section 4).
-fn forwarded_value(value: &str) -> String {
-    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    if !value.is_empty() && value.chars().all(is_tchar) {
-        value.to_owned()
-    } else {
-        let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
-        format!("\"{escaped}\"")
     }
 }
 
@@ -308,6 +523,54 @@ mod tests {
         names.sort();
         assert_eq!(names, vec!["te", "x-keep"], "{h:?}");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn hop_by_hop_without_connection_header() {
+        let mut h = map(&[
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn hop_by_hop_connection_keep_alive() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive"),
+            ("keep-alive", "timeout=5"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn hop_by_hop_connection_close_and_listed_names() {
+        let mut h = map(&[
+            ("connection", "close, X-Foo"),
+            ("connection", " , x-bar ,not a name"),
+            ("close", "odd but listed"),
+            ("x-foo", "1"),
+            ("x-bar", "2"),
+            ("te", "trailers"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["te", "x-keep"]);
+    }
+
+    #[test]
+    fn te_listed_in_connection_is_dropped() {
+        let mut h = map(&[("connection", "te"), ("te", "trailers")]);
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
@@ -378,6 +641,98 @@ mod tests {
             h["forwarded"],
             "for=203.0.113.9;proto=http, for=\"[2001:db8::1]\";proto=https;host=\"app.phoenix.test:8443\""
         );
+    }
+
+    #[test]
+    fn trusted_peer_blank_or_absent_lists_start_over() {
+        let info = ForwardInfo {
+            peer: "::ffff:10.1.2.3".parse().unwrap(),
+            peer_trusted: true,
+            proto: "http",
+            host: None,
+        };
+        let mut h = map(&[("x-forwarded-for", " "), ("forwarded", "")]);
+        set_forwarded(&mut h, &info);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["forwarded"], "for=10.1.2.3;proto=http");
+        assert!(!h.contains_key("x-forwarded-host"));
+
+        // Two lines, even blank ones, join to a list that is not blank.
+        let mut h = map(&[("x-forwarded-for", ""), ("x-forwarded-for", "")]);
+        set_forwarded(&mut h, &info);
+        assert_eq!(h["x-forwarded-for"], ", , 10.1.2.3");
+    }
+
+    #[test]
+    fn forwarded_host_quoted_and_escaped() {
+        let mut h = HeaderMap::new();
+        let info = ForwardInfo {
+            peer: "192.0.2.1".parse().unwrap(),
+            peer_trusted: false,
+            proto: "https",
+            host: Some(r#"a"b\c"#),
+        };
+        set_forwarded(&mut h, &info);
+        assert_eq!(
+            h["forwarded"],
+            r#"for=192.0.2.1;proto=https;host="a\"b\\c""#
+        );
+
+        // Not a valid header value: both host headers are dropped rather than sent.
+        let info = ForwardInfo {
+            host: Some("app\r\nx-injected: 1"),
+            ..info
+        };
+        set_forwarded(&mut h, &info);
+        assert!(!h.contains_key("forwarded"));
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        let addresses = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.1",
+            "192.0.2.7",
+            "1.20.100.9",
+            "::1",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for text in addresses {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        for octet in 0..=255u8 {
+            let ip = IpAddr::V4(Ipv4Addr::new(octet, octet, 0, octet));
+            assert_eq!(IpText::new(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        // An IPv4-mapped peer is written as the IPv4 address it carries.
+        let mut h = HeaderMap::new();
+        let info = ForwardInfo {
+            peer: "::ffff:10.0.0.1".parse().unwrap(),
+            peer_trusted: false,
+            proto: "http",
+            host: None,
+        };
+        set_forwarded(&mut h, &info);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(h["forwarded"], "for=10.0.0.1;proto=http");
+    }
+
+    #[test]
+    fn hex_id_matches_format() {
+        for id in [
+            0,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex_id(id), format!("{id:032x}").as_bytes());
+        }
     }
 
     #[test]
