@@ -1,13 +1,13 @@
 //! Prometheus metrics of the data plane.
 //!
-//! Request counters and latency histograms are updated on the request path, so their label sets use
-//! `Arc<str>` and `&'static str` values: recording a request clones a few reference counts and
-//! allocates nothing. Upstream health and certificate expiry change outside the request path; rather
+//! Request counters and latency histograms are updated on the request path: each route resolves its
+//! own once ([`RouteMetrics`]), so recording a request is an increment and an observation, with no
+//! lookup by labels and no allocation. Upstream health and certificate expiry change outside the request path; rather
 //! than keeping gauges in sync with every health transition and certificate swap, they are read from
 //! their sources when `/metrics` is scraped (a prometheus-client `Collector`), so they can never be
 //! stale.
 
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -49,6 +49,50 @@ struct UpstreamLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertLabels {
     name: String,
+}
+
+/// The counters and histogram of one route, resolved once (see [`Metrics::route`]) so that recording
+/// a request looks nothing up by its labels: that lookup hashed the label strings and took the
+/// family's lock, shared by every worker thread, twice per request.
+pub struct RouteMetrics {
+    duration: Histogram,
+    requests: Family<RequestLabels, Counter>,
+    labels: RouteLabels,
+    /// The counters of the first status codes this route answered with; others are looked up.
+    codes: [OnceLock<(u16, Counter)>; 8],
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    /// Counts one answered request and its latency.
+    pub fn record(&self, code: u16, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        for slot in &self.codes {
+            let (slot_code, counter) = slot.get_or_init(|| (code, self.lookup(code)));
+            if *slot_code == code {
+                counter.inc();
+                return;
+            }
+        }
+        self.lookup(code).inc();
+    }
+
+    fn lookup(&self, code: u16) -> Counter {
+        let labels = RequestLabels {
+            role: self.labels.role,
+            route: self.labels.route.clone(),
+            service: self.labels.service.clone(),
+            code,
+        };
+        self.requests.get_or_create(&labels).clone()
+    }
 }
 
 /// One upstream server's health, as reported by a source registered with
@@ -127,30 +171,19 @@ impl Metrics {
         })
     }
 
-    /// Counts one answered request and its latency.
-    pub fn record_request(
-        &self,
-        role: &'static str,
-        route: &Arc<str>,
-        service: &Arc<str>,
-        code: u16,
-        elapsed: Duration,
-    ) {
-        let labels = RequestLabels {
-            role,
-            route: route.clone(),
-            service: service.clone(),
-            code,
-        };
-        self.requests_total.get_or_create(&labels).inc();
+    /// The request metrics of one route, for [`RouteMetrics::record`].
+    pub fn route(&self, role: &'static str, route: &Arc<str>, service: &Arc<str>) -> RouteMetrics {
         let labels = RouteLabels {
             role,
             route: route.clone(),
             service: service.clone(),
         };
-        self.request_duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        RouteMetrics {
+            duration: self.request_duration.get_or_create(&labels).clone(),
+            requests: self.requests_total.clone(),
+            labels,
+            codes: Default::default(),
+        }
     }
 
     /// The open-connections gauge of a role.
@@ -244,8 +277,9 @@ mod tests {
         let metrics = Metrics::new(&mut registry);
         let route: Arc<str> = Arc::from("web");
         let service: Arc<str> = Arc::from("app");
-        metrics.record_request("mesh", &route, &service, 200, Duration::from_millis(3));
-        metrics.record_request("mesh", &route, &service, 200, Duration::from_millis(3));
+        let web = metrics.route("mesh", &route, &service);
+        web.record(200, Duration::from_millis(3));
+        web.record(200, Duration::from_millis(3));
         metrics.watch_upstreams(Arc::new(|| {
             vec![UpstreamHealth {
                 service: "app".into(),
@@ -270,5 +304,46 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("request_duration_seconds_bucket"), "{text}");
+    }
+
+    #[test]
+    fn route_metrics_count_every_code_past_the_cached_ones() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let (route, service): (Arc<str>, Arc<str>) = (Arc::from("web"), Arc::from("app"));
+        let web = metrics.route("gateway", &route, &service);
+        // Twelve codes, more than the route caches, each recorded as many times as its index + 1.
+        let codes = [200, 201, 204, 301, 302, 304, 400, 403, 404, 429, 500, 502];
+        for (i, code) in codes.iter().enumerate() {
+            for _ in 0..=i {
+                web.record(*code, Duration::from_millis(1));
+            }
+        }
+        // A second handle for the same labels counts into the same series.
+        metrics
+            .route("gateway", &route, &service)
+            .record(502, Duration::from_millis(1));
+        for (i, code) in codes.iter().enumerate() {
+            let labels = RequestLabels {
+                role: "gateway",
+                route: route.clone(),
+                service: service.clone(),
+                code: *code,
+            };
+            let extra = u64::from(*code == 502);
+            assert_eq!(
+                metrics.requests_count(&labels),
+                i as u64 + 1 + extra,
+                "code {code}"
+            );
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(
+                r#"request_duration_seconds_count{role="gateway",route="web",service="app"} 79"#
+            ),
+            "{text}"
+        );
     }
 }

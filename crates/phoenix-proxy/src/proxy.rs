@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{self, BoxError, UpstreamBody};
 use crate::config::{ListenerLimits, RetryConfig};
 use crate::forward::{self, ForwardInfo, X_REQUEST_ID};
-use crate::metrics::{Metrics, UpstreamHealth};
+use crate::metrics::{Metrics, RouteMetrics, UpstreamHealth};
 use crate::middleware::RequestContext;
 use crate::rule::RequestView;
 use crate::table::{RouteTable, RouteTarget};
@@ -72,8 +72,8 @@ pub struct Proxy {
     health_shutdown: OnceLock<CancellationToken>,
     /// Peers that may ask for hop traces (`trace_networks`); loopback until set.
     trace_networks: OnceLock<Vec<IpNet>>,
-    route_404: Arc<str>,
-    service_none: Arc<str>,
+    /// Metrics of requests answered before a route was found (empty route and service labels).
+    unrouted: RouteMetrics,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -105,13 +105,12 @@ impl Proxy {
                 .collect()
         }));
         Arc::new(Proxy {
+            unrouted: metrics.route(settings.role, &Arc::from(""), &Arc::from("")),
             settings,
             table,
             metrics,
             health_shutdown: OnceLock::new(),
             trace_networks: OnceLock::new(),
-            route_404: Arc::from(""),
-            service_none: Arc::from(""),
         })
     }
 
@@ -183,14 +182,19 @@ impl Proxy {
             self.trace_networks
                 .get_or_init(crate::trace::default_trace_networks),
         );
+        // Host and path are copied only for the access log line; metrics use the other fields.
+        let access_log = self.settings.access_log;
         let mut log = AccessLog {
             role: self.settings.role,
             client: conn.peer,
             method: req.method().clone(),
             host: String::new(),
-            path: req.uri().path().to_owned(),
-            route: self.route_404.clone(),
-            service: self.service_none.clone(),
+            path: if access_log {
+                req.uri().path().to_owned()
+            } else {
+                String::new()
+            },
+            target: None,
             upstream: None,
             tls_version: conn.tls_version,
             request_id: request_id.clone(),
@@ -226,22 +230,18 @@ impl Proxy {
         }
 
         // Host: the URI authority (HTTP/2) wins over the Host header (RFC 9112 3.2.2); absolute-form
-        // HTTP/1 targets were refused above.
-        let host_full: Option<String> = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            });
-        let host = host_full
-            .as_deref()
-            .map(host_without_port)
-            .unwrap_or_default();
-        log.host = host.clone().into_owned();
+        // HTTP/1 targets were refused above. Kept as a header value, which outlives `req` and is
+        // ready to be the upstream's Host: cloning the Host header shares its bytes.
+        let host_value: Option<HeaderValue> = match req.uri().authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        };
+        // With port, as the client gave it (check_request_target refused a Host that is not text).
+        let host_full: Option<&str> = host_value.as_ref().and_then(|h| h.to_str().ok());
+        let host = host_full.map(host_without_port).unwrap_or_default();
+        if access_log {
+            log.host = host.clone().into_owned();
+        }
         let client_ip = forward::client_ip(
             conn.peer.ip(),
             req.headers(),
@@ -268,8 +268,7 @@ impl Proxy {
             }
         };
         drop(table);
-        log.route = target.name.clone();
-        log.service = target.service_name.clone();
+        log.target = Some(target.clone());
 
         let upgrade =
             req.version() == Version::HTTP_11 && forward::is_upgrade_request(req.headers());
@@ -279,10 +278,7 @@ impl Proxy {
         forward::remove_hop_by_hop(&mut parts.headers, upgrade);
         if !parts.headers.contains_key(header::HOST) {
             // HTTP/2 clients send only :authority; an HTTP/1.1 upstream needs the Host header.
-            if let Some(value) = host_full
-                .as_deref()
-                .and_then(|h| HeaderValue::from_str(h).ok())
-            {
+            if let Some(value) = host_value.clone() {
                 parts.headers.insert(header::HOST, value);
             }
         }
@@ -293,19 +289,17 @@ impl Proxy {
                 peer: conn.peer.ip(),
                 peer_trusted,
                 proto: conn.scheme,
-                host: host_full.as_deref(),
+                host: host_full,
             },
         );
         let ctx = RequestContext {
             client_ip,
             scheme: conn.scheme,
-            host: log.host.clone(),
+            host: host.into_owned(),
         };
         if let Err(resp) = target.chain.on_request(&mut parts, &ctx) {
             let (mut rparts, full) = resp.into_parts();
-            rparts
-                .headers
-                .insert(X_REQUEST_ID.clone(), request_id.clone());
+            rparts.headers.insert(&X_REQUEST_ID, request_id.clone());
             let resp = Response::from_parts(rparts, body::boxed(full));
             return self.finish(resp, log, guard);
         }
@@ -335,12 +329,10 @@ impl Proxy {
                 return self.finish(resp, log, guard);
             }
         }
-        let exceeded = Arc::new(AtomicBool::new(false));
-        let malformed = Arc::new(AtomicBool::new(false));
+        let body_fault = Arc::new(BodyFault::default());
         let empty_body = incoming.is_end_stream();
         let version = parts.version;
-        let request_body =
-            LimitedBody::new(incoming, limit, exceeded.clone(), malformed.clone()).boxed();
+        let request_body = LimitedBody::new(incoming, limit, body_fault.clone()).boxed();
         let retry = if empty_body && !upgrade {
             target.chain.retry()
         } else {
@@ -398,33 +390,31 @@ impl Proxy {
                     }
                     None => crate::trace::strip(&mut rparts.headers),
                 }
-                rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
+                rparts.headers.insert(&X_REQUEST_ID, request_id);
                 let resp = Response::from_parts(rparts, body::boxed(rbody));
                 self.finish(resp, log, guard)
             }
             Err(error) => {
-                let client_fault =
-                    exceeded.load(Ordering::Relaxed) || malformed.load(Ordering::Relaxed);
-                let (status, text) = if exceeded.load(Ordering::Relaxed) {
-                    (
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large".to_owned(),
-                    )
-                } else if malformed.load(Ordering::Relaxed) {
+                let exceeded = body_fault.exceeded.load(Ordering::Relaxed);
+                let malformed = body_fault.malformed.load(Ordering::Relaxed);
+                let client_fault = exceeded || malformed;
+                let (status, text) = if exceeded {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                } else if malformed {
                     // The client's body broke (bad chunk size, connection cut): the client's
                     // fault, not the upstream's, and the rest of its byte stream is not trusted.
-                    (StatusCode::BAD_REQUEST, "malformed request body".to_owned())
+                    (StatusCode::BAD_REQUEST, "malformed request body")
                 } else if error.is_timeout() {
-                    (StatusCode::GATEWAY_TIMEOUT, "upstream timeout".to_owned())
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream timeout")
                 } else {
-                    (StatusCode::BAD_GATEWAY, "upstream unreachable".to_owned())
+                    (StatusCode::BAD_GATEWAY, "upstream unreachable")
                 };
                 log.upstream = error.server().map(Arc::from);
                 tracing::warn!(
                     route = %target.name, service = %target.service_name, request_id = ?request_id,
                     error = %error, "upstream request failed"
                 );
-                let mut resp = error_response(status, &text, &request_id);
+                let mut resp = error_response(status, text, &request_id);
                 if client_fault {
                     close_after(&mut resp, version);
                 }
@@ -523,13 +513,11 @@ impl Proxy {
     ) -> Response<UpstreamBody> {
         let status = resp.status().as_u16();
         log.status = status;
-        self.metrics.record_request(
-            log.role,
-            &log.route,
-            &log.service,
-            status,
-            log.started.elapsed(),
-        );
+        let metrics = match &log.target {
+            Some(target) => target.metrics(&self.metrics, self.settings.role),
+            None => &self.unrouted,
+        };
+        metrics.record(status, log.started.elapsed());
         let access = self.settings.access_log.then(|| Box::new(log));
         resp.map(|inner| {
             TrackedBody {
@@ -628,7 +616,7 @@ pub(crate) fn error_response(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(X_REQUEST_ID.clone(), request_id.clone());
+    h.insert(&X_REQUEST_ID, request_id.clone());
     resp
 }
 
@@ -731,8 +719,8 @@ struct AccessLog {
     method: Method,
     host: String,
     path: String,
-    route: Arc<str>,
-    service: Arc<str>,
+    /// The route the request took; `None` when it was answered before routing.
+    target: Option<Arc<RouteTarget>>,
     upstream: Option<Arc<str>>,
     tls_version: Option<&'static str>,
     request_id: HeaderValue,
@@ -757,8 +745,8 @@ impl AccessLog {
             bytes,
             complete,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            route = %self.route,
-            service = %self.service,
+            route = self.target.as_ref().map_or("", |t| &*t.name),
+            service = self.target.as_ref().map_or("", |t| &*t.service_name),
             upstream = self.upstream.as_deref().unwrap_or(""),
             tls_version = self.tls_version.unwrap_or(""),
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -842,23 +830,26 @@ struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     limit: Option<u64>,
-    exceeded: Arc<AtomicBool>,
-    malformed: Arc<AtomicBool>,
+    fault: Arc<BodyFault>,
+}
+
+/// What went wrong with a request body, as `LimitedBody` saw it, for the request path to answer
+/// when the upstream request fails. One allocation shared by both flags.
+#[derive(Debug, Default)]
+struct BodyFault {
+    /// More than the size limit was sent.
+    exceeded: AtomicBool,
+    /// The client's body itself failed.
+    malformed: AtomicBool,
 }
 
 impl LimitedBody {
-    fn new(
-        inner: Incoming,
-        limit: Option<u64>,
-        exceeded: Arc<AtomicBool>,
-        malformed: Arc<AtomicBool>,
-    ) -> Self {
+    fn new(inner: Incoming, limit: Option<u64>, fault: Arc<BodyFault>) -> Self {
         Self {
             inner,
             remaining: limit.unwrap_or(u64::MAX),
             limit,
-            exceeded,
-            malformed,
+            fault,
         }
     }
 
@@ -881,7 +872,7 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.fault.exceeded.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
                             limit: this.limit.unwrap_or(u64::MAX),
                         }))));
@@ -891,7 +882,7 @@ impl Body for LimitedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.malformed.store(true, Ordering::Relaxed);
+                this.fault.malformed.store(true, Ordering::Relaxed);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => Poll::Ready(None),

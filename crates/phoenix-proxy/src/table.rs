@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Problem, RoutingConfig, ServiceConfig};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::middleware::{Chain, Middleware};
 use crate::router::{Router, RouterEntry};
 use crate::rule::RequestView;
@@ -32,6 +33,17 @@ pub struct RouteTarget {
     pub chain: Chain,
     /// The service's name as a shared string, so metrics need no allocation per request.
     pub service_name: Arc<str>,
+    /// This route's request metrics, resolved by the first request (see [`RouteTarget::metrics`]).
+    metrics: OnceLock<RouteMetrics>,
+}
+
+impl RouteTarget {
+    /// This route's request metrics in `metrics` under `role`; resolved once, by the first request.
+    /// A table belongs to one proxy, so the role and the registry are the same at every call.
+    pub fn metrics(&self, metrics: &Metrics, role: &'static str) -> &RouteMetrics {
+        self.metrics
+            .get_or_init(|| metrics.route(role, &self.name, &self.service_name))
+    }
 }
 
 impl std::fmt::Debug for RouteTarget {
@@ -166,6 +178,7 @@ impl RouteTable {
                     service: svc.clone(),
                     chain: Chain::new(chain_items),
                     service_name: Arc::from(route.service.as_str()),
+                    metrics: OnceLock::new(),
                 })),
                 _ => None,
             };
@@ -206,6 +219,7 @@ impl RouteTable {
                         service: svc.clone(),
                         chain: Chain::new(Vec::new()),
                         service_name: Arc::from(service.name.as_str()),
+                        metrics: OnceLock::new(),
                     }),
                 });
                 places.push(format!(
