@@ -639,10 +639,11 @@ pub(crate) struct ConnInfo {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) last_active: Mutex<Instant>,
     /// Upgraded tunnels outlive the HTTP connection; they are tracked for the drain and hold the
-    /// connection's permit (`_permit`) so they count against `max_connections`.
+    /// connection's admission (`_admission`: its permit, its worker's load) so they count against
+    /// `max_connections` and in the balance of workers.
     pub(crate) tasks: TaskTracker,
     pub(crate) force_close: CancellationToken,
-    pub(crate) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) _admission: Option<crate::server::Admission>,
     pub(crate) open_gauge: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 

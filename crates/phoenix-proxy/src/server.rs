@@ -86,20 +86,51 @@ impl Proxy {
         // Health checks live on the caller's runtime, which outlives the workers' connections.
         self.start_health_checks(&shutdown);
         let semaphore = connection_cap(&self.settings.limits);
-        let acceptor = TlsAcceptor::from(tls);
+        let local = listener.local_addr()?;
         let role = self.settings.role;
-        let stop = shutdown.clone();
-        crate::workers::run(role, listener, workers, &stop, move |listener| {
-            accept_loop(
-                self.clone(),
-                listener,
-                Some(acceptor.clone()),
-                semaphore.clone(),
-                shutdown.clone(),
-            )
-        })
-        .await
+        let mut workers = {
+            let (proxy, shutdown) = (self.clone(), shutdown.clone());
+            let tls = TlsAcceptor::from(tls);
+            crate::workers::Workers::start(role, workers, &shutdown.clone(), move |inbox| {
+                serve_handoffs(proxy.clone(), inbox, tls.clone(), local, shutdown.clone())
+            })?
+        };
+        // Accepted here, on the caller's runtime, and handed to the least loaded worker: workers
+        // that each accepted from the shared socket took connections in very uneven numbers (the
+        // busiest worker, awake already, won most races), see `crate::workers`.
+        let mut backoff = Backoff::default();
+        while let Some((stream, peer, permit)) =
+            accept(&listener, &semaphore, &shutdown, &mut backoff).await
+        {
+            workers.hand_off(stream, peer, permit);
+        }
+        drop(listener);
+        workers.join(&shutdown).await
     }
+}
+
+/// A worker's side of [`Proxy::serve_tls_on_workers`]: serves the connections handed to it until
+/// the accept loop closes the inbox, then drains them.
+async fn serve_handoffs(
+    proxy: Arc<Proxy>,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<crate::workers::Handoff>,
+    tls: TlsAcceptor,
+    local: SocketAddr,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let connections = Connections::new(proxy, Some(tls), local, shutdown);
+    while let Some(handoff) = inbox.recv().await {
+        match TcpStream::from_std(handoff.stream) {
+            Ok(stream) => connections.start(
+                stream,
+                handoff.peer,
+                Admission::new(handoff.permit, Some(handoff.load)),
+            ),
+            Err(e) => tracing::debug!(error = %e, "handed-over connection could not be registered"),
+        }
+    }
+    connections.drain().await;
+    Ok(())
 }
 
 fn connection_cap(limits: &ListenerLimits) -> Arc<Semaphore> {
@@ -160,72 +191,163 @@ async fn accept_loop(
     semaphore: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let limits = proxy.settings.limits.clone();
-    let role = proxy.settings.role;
-    let tracker = TaskTracker::new();
-    let force = CancellationToken::new();
-    let builder = Arc::new(builder(&limits));
     let local = listener.local_addr()?;
-    tracing::info!(role, %local, tls = tls.is_some(), "listening");
-
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = semaphore.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => {
-                    backoff = Duration::from_millis(5);
-                    accepted
-                }
-                Err(e) if is_per_connection_error(&e) => {
-                    tracing::debug!(error = %e, "accept failed for one connection");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let span = tracing::debug_span!("conn", role, %peer, %local);
-        let task = connection(
-            proxy.clone(),
-            builder.clone(),
-            stream,
-            peer,
-            tls.clone(),
-            permit,
-            shutdown.clone(),
-            force.clone(),
-            tracker.clone(),
-            local,
-        );
-        tracker.spawn(task.instrument(span));
+    let connections = Connections::new(proxy, tls, local, shutdown.clone());
+    let mut backoff = Backoff::default();
+    while let Some((stream, peer, permit)) =
+        accept(&listener, &semaphore, &shutdown, &mut backoff).await
+    {
+        connections.start(stream, peer, Admission::new(permit, None));
     }
     drop(listener);
-    tracker.close();
-    if tokio::time::timeout(limits.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            role,
-            %local,
-            left = tracker.len(),
-            "drain timeout reached; closing the remaining connections"
-        );
-        force.cancel();
-        tracker.wait().await;
-    }
-    tracing::info!(role, %local, "listener stopped");
+    connections.drain().await;
     Ok(())
+}
+
+/// Accepts the next connection once a permit of `semaphore` is free; `None` at `shutdown`.
+/// Errors that concern one connection are skipped; the others pause the loop, longer each time.
+async fn accept(
+    listener: &TcpListener,
+    semaphore: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        permit = semaphore.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff.reset();
+                let _ = stream.set_nodelay(true);
+                return Some((stream, peer, permit));
+            }
+            Err(e) if is_per_connection_error(&e) => {
+                tracing::debug!(error = %e, "accept failed for one connection");
+            }
+            Err(e) => {
+                let pause = backoff.next();
+                tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed; pausing");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// The pause after an accept error that is not about one connection (out of file descriptors):
+/// 5 ms, doubling up to a second, back to 5 ms after a success.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff(Duration::from_millis(5))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        pause
+    }
+
+    fn reset(&mut self) {
+        *self = Backoff::default();
+    }
+}
+
+/// What admits a connection: its permit of the connection cap and, on a worker, its place in the
+/// worker's load (see [`crate::workers::Load`]). Held by the connection and its upgraded tunnels.
+pub(crate) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _load: Option<crate::workers::LoadGuard>,
+}
+
+impl Admission {
+    fn new(permit: OwnedSemaphorePermit, load: Option<crate::workers::LoadGuard>) -> Admission {
+        Admission {
+            _permit: permit,
+            _load: load,
+        }
+    }
+}
+
+/// The connections of one listener on one runtime: started one task each, drained together.
+struct Connections {
+    proxy: Arc<Proxy>,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<Builder>,
+    local: SocketAddr,
+    shutdown: CancellationToken,
+    /// Cancelled when the drain timeout ran out: the connections left are closed.
+    force: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Connections {
+    fn new(
+        proxy: Arc<Proxy>,
+        tls: Option<TlsAcceptor>,
+        local: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Connections {
+        tracing::info!(role = proxy.settings.role, %local, tls = tls.is_some(), "listening");
+        Connections {
+            builder: Arc::new(builder(&proxy.settings.limits)),
+            proxy,
+            tls,
+            local,
+            shutdown,
+            force: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    fn start(&self, stream: TcpStream, peer: SocketAddr, admission: Admission) {
+        let role = self.proxy.settings.role;
+        let span = tracing::debug_span!("conn", role, %peer, local = %self.local);
+        let task = connection(
+            self.proxy.clone(),
+            self.builder.clone(),
+            stream,
+            peer,
+            self.tls.clone(),
+            admission,
+            self.shutdown.clone(),
+            self.force.clone(),
+            self.tracker.clone(),
+            self.local,
+        );
+        self.tracker.spawn(task.instrument(span));
+    }
+
+    /// Waits for the connections (and upgraded tunnels) to finish after shutdown, up to the drain
+    /// timeout, then closes whatever is left.
+    async fn drain(self) {
+        let (role, local) = (self.proxy.settings.role, self.local);
+        self.tracker.close();
+        let drain_timeout = self.proxy.settings.limits.drain_timeout;
+        if tokio::time::timeout(drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                role,
+                %local,
+                left = self.tracker.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
+            self.force.cancel();
+            self.tracker.wait().await;
+        }
+        tracing::info!(role, %local, "listener stopped");
+    }
 }
 
 fn is_per_connection_error(e: &io::Error) -> bool {
@@ -246,7 +368,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
     shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -262,7 +384,7 @@ async fn connection(
             None,
             None,
             crate::trace::ConnTrace { local, tls: None },
-            permit,
+            admission,
             force.clone(),
             tracker,
         );
@@ -313,7 +435,7 @@ async fn connection(
             local,
             tls: tls_version.map(|v| crate::trace::DownstreamTls::of(session, v)),
         },
-        permit,
+        admission,
         force.clone(),
         tracker,
     );
@@ -329,7 +451,7 @@ fn conn_info(
     sni: Option<String>,
     denied: Option<String>,
     trace: crate::trace::ConnTrace,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
     force_close: CancellationToken,
     tasks: TaskTracker,
 ) -> Arc<ConnInfo> {
@@ -346,7 +468,7 @@ fn conn_info(
         last_active: Mutex::new(Instant::now()),
         tasks,
         force_close,
-        _permit: Some(permit),
+        _admission: Some(admission),
         open_gauge: Some(gauge),
     })
 }
