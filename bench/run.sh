@@ -40,7 +40,8 @@
 # Needs (Debian): nginx haproxy caddy wrk nghttp2-client lego python3 curl openssl, and root (it adds
 # the bench names to /etc/hosts and binds port 80 for http-01), and a hard `ulimit -n` above IDLE+1000.
 # Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS BENCH_DIR PHOENIX_BIN (skip the build),
-# FIGURES (a subset of "ka close h2 idle sse acme"; the CPU and peak RSS figures come with ka), and
+# FIGURES (a subset of "ka close h2 idle sse acme instr"; the CPU and peak RSS figures come with ka;
+# instr needs valgrind), INSTR_REQS, and
 # PHOENIX_BIN_B with the chain `phoenixb` (CHAINS="nginx phoenix phoenixb") to compare two builds.
 set -uo pipefail
 
@@ -51,7 +52,7 @@ fi
 ROUNDS=${ROUNDS:-3}; SECS=${SECS:-10}; CONNS=${CONNS:-50}; IDLE=${IDLE:-10000}
 SSE_SAMPLES=${SSE_SAMPLES:-40}; ACME_RUNS=${ACME_RUNS:-5}
 CHAINS=${CHAINS:-"direct nginx haproxy caddy phoenix"}
-FIGURES=${FIGURES:-"ka close h2 idle sse acme"}
+FIGURES=${FIGURES:-"ka close h2 idle sse acme instr"}
 want() { case " $FIGURES " in *" $1 "*) return 0;; *) return 1;; esac; }
 W=${BENCH_DIR:-/tmp/phoenix-bench}
 HOST=app.bench.test
@@ -376,6 +377,57 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 # --------------------------------------------------------------------------------------------------
+# Instructions per request: the user-space instructions of each hop under callgrind, over a fixed
+# number of keep-alive requests (h2load --h1, 10 connections) after a warm-up. Unlike time, this
+# does not move with what else runs on the machine, so it shows what a change to the request path
+# is worth where the req/s figures' noise would hide it. It counts neither the kernel nor cache
+# misses: it complements the CPU figure, it does not replace it. nginx runs one process per hop
+# (master_process off), Phoenix as deployed.
+INSTR_REQS=${INSTR_REQS:-3000}
+callgrind_start() { # tag command... -> pid (valgrind runs the program in its own process)
+  PHOENIX_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$W/callgrind.$1.%p" "${@:2}" >"$W/callgrind-$1.log" 2>&1 &
+  echo $!
+}
+instr_of() { # tag pid -> instructions per request, from the dump taken after the counters were zeroed
+  local f; f=$(ls -t "$W"/callgrind."$1"."$2".* 2>/dev/null | head -1)
+  [ -n "$f" ] && awk -v n="$INSTR_REQS" '/^(summary|totals):/{printf "%.0f", $2/n; exit}' "$f"
+}
+if want instr; then
+  command -v valgrind >/dev/null || { echo "bench: the instr figure needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+  for c in $CHAINS; do
+    case $c in
+      nginx)
+        start_nginx; stop_nginx   # writes gw.conf and mesh.conf
+        for hop in gw mesh; do
+          sed 's/worker_processes auto; daemon on;/worker_processes 1; daemon off; master_process off;/' $hop.conf > $hop-1.conf
+        done
+        G=$(callgrind_start "$c-gw" nginx -c "$W/gw-1.conf" -p "$W")
+        M=$(callgrind_start "$c-mesh" nginx -c "$W/mesh-1.conf" -p "$W")
+        PORT=18443 ;;
+      phoenix|phoenixb)
+        b=$BIN; [ "$c" = phoenixb ] && b=${PHOENIX_BIN_B:?set PHOENIX_BIN_B for the phoenixb chain}
+        M=$(callgrind_start "$c-mesh" "$b" mesh --config phoenix.toml)
+        G=$(callgrind_start "$c-gw" "$b" gateway --config phoenix.toml)
+        PORT=24443 ;;
+      *) continue ;;
+    esac
+    echo "instructions: $c" >&2
+    for _ in $(seq 1 300); do curl -s --max-time 5 --cacert "$ROOTPEM" "$(url "$c")" 2>/dev/null | grep -q "hello from backend" && break; sleep 0.2; done
+    h2load --h1 -n 1000 -c 10 "$(url "$c")" >/dev/null 2>&1
+    callgrind_control -z "$G" >/dev/null; callgrind_control -z "$M" >/dev/null
+    out=$(h2load --h1 -n "$INSTR_REQS" -c 10 "$(url "$c")" 2>&1)
+    callgrind_control -d "$G" >/dev/null; callgrind_control -d "$M" >/dev/null
+    kill "$G" "$M" 2>/dev/null; wait "$G" "$M" 2>/dev/null || true
+    if echo "$out" | grep -q "$INSTR_REQS succeeded, 0 failed"; then
+      add "$c" instr_gw "$(instr_of "$c-gw" "$G")"
+      add "$c" instr_mesh "$(instr_of "$c-mesh" "$M")"
+    else
+      echo "  $c instructions: $(echo "$out" | grep '^requests:')" >&2
+    fi
+  done
+fi
+
+# --------------------------------------------------------------------------------------------------
 # ACME issuance with lego: phoenix CA and Caddy's acme_server, interleaved. lego answers http-01 on
 # 127.0.0.1:80; both CAs resolve lego.bench.test to 127.0.0.1 (phoenix from [ca.acme.resolve], Caddy
 # from /etc/hosts).
@@ -443,6 +495,19 @@ for c in $CHAINS; do
   [ "$c" = direct ] && continue
   echo "| $c | $(ratio "$(M "$c" ka)" "$(M nginx ka)") | $(ratio "$(M "$c" p99)" "$(M nginx p99)") | $(ratio "$(M "$c" close)" "$(M nginx close)") | $(ratio "$(M "$c" h2)" "$(M nginx h2)") | $(ratio "$(M "$c" cpu)" "$(M nginx cpu)") | $(ratio "$(M "$c" idle)" "$(M nginx idle)") |"
 done
+if want instr; then
+  echo
+  echo "User-space instructions per request under callgrind ($INSTR_REQS keep-alive requests, h2load --h1 -c10):"
+  echo
+  echo "| chain | gateway | mesh | both hops | ratio to nginx |"
+  echo "|---|---:|---:|---:|---:|"
+  for c in $CHAINS; do
+    g=$(M "$c" instr_gw); m=$(M "$c" instr_mesh)
+    [ "$g" = - ] && continue
+    both=$((g + m))
+    echo "| $c | $g | $m | $both | $(ratio "$both" "$(( $(M nginx instr_gw) + $(M nginx instr_mesh) ))") |"
+  done
+fi
 echo
 echo "Per-round values:"
 for k in $(printf '%s\n' "${!R[@]}" | sort); do echo "  $k: ${R[$k]}"; done
