@@ -567,15 +567,22 @@ async fn send(
 
 /// `host[:port]` -> lowercase host; IPv6 literals keep their brackets.
 fn host_without_port(authority: &str) -> Cow<'_, str> {
-    let authority = authority.rsplit('@').next().unwrap_or(authority);
-    let host = if authority.starts_with('[') {
-        match authority.find(']') {
+    // Byte searches: every delimiter is ASCII, and this runs twice per request.
+    let bytes = authority.as_bytes();
+    let start = bytes
+        .iter()
+        .rposition(|&b| b == b'@')
+        .map_or(0, |at| at + 1);
+    let authority = &authority[start..];
+    let bytes = authority.as_bytes();
+    let host = if bytes.first() == Some(&b'[') {
+        match bytes.iter().position(|&b| b == b']') {
             Some(end) => &authority[..=end],
             None => authority,
         }
     } else {
-        match authority.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &authority[..colon],
             _ => authority,
         }
     };
@@ -913,6 +920,10 @@ mod tests {
         assert_eq!(host_without_port("app.phoenix.test."), "app.phoenix.test");
         assert_eq!(host_without_port("[::1]:443"), "[::1]");
         assert_eq!(host_without_port("127.0.0.1"), "127.0.0.1");
+        assert_eq!(host_without_port("user@App.test:80"), "app.test");
+        assert_eq!(host_without_port("app.test:"), "app.test");
+        assert_eq!(host_without_port("app.test:8x"), "app.test:8x");
+        assert_eq!(host_without_port("[::1"), "[::1");
         assert!(matches!(
             host_without_port("lower.test:1"),
             Cow::Borrowed(_)
