@@ -36,13 +36,15 @@
 #             (bench/sse_ttfb.py: median of $SSE_SAMPLES, connection set-up excluded)
 #   acme      lego issuing one certificate (new account, order, http-01, finalize, download) against
 #             `phoenix ca serve` and against Caddy's `acme_server`, median of $ACME_RUNS
+#   instr     user-space instructions per request of each hop under callgrind, for the nginx and
+#             Phoenix chains (once: the count does not depend on the machine's load)
 #
-# Needs (Debian): nginx haproxy caddy wrk nghttp2-client lego python3 curl openssl, and root (it adds
+# Needs (Debian): nginx haproxy caddy wrk nghttp2-client lego python3 curl openssl valgrind, and root (it adds
 # the bench names to /etc/hosts and binds port 80 for http-01), and a hard `ulimit -n` above IDLE+1000.
 # Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS BENCH_DIR PHOENIX_BIN (skip the build),
 # FIGURES (a subset of "ka close h2 idle sse acme instr"; the CPU and peak RSS figures come with ka;
-# instr needs valgrind), INSTR_REQS, and
-# PHOENIX_BIN_B with the chain `phoenixb` (CHAINS="nginx phoenix phoenixb") to compare two builds.
+# instr needs valgrind), INSTR_REQS, and PHOENIX_BIN_B with the chain `phoenixb`
+# (CHAINS="nginx phoenix phoenixb") to compare two builds.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

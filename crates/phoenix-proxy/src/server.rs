@@ -89,10 +89,10 @@ impl Proxy {
         let local = listener.local_addr()?;
         let role = self.settings.role;
         let mut workers = {
-            let (proxy, shutdown) = (self.clone(), shutdown.clone());
+            let (proxy, stop) = (self.clone(), shutdown.clone());
             let tls = TlsAcceptor::from(tls);
-            crate::workers::Workers::start(role, workers, &shutdown.clone(), move |inbox| {
-                serve_handoffs(proxy.clone(), inbox, tls.clone(), local, shutdown.clone())
+            crate::workers::Workers::start(role, workers, &shutdown, move |inbox| {
+                serve_handoffs(proxy.clone(), inbox, tls.clone(), local, stop.clone())
             })?
         };
         // Accepted here, on the caller's runtime, and handed to the least loaded worker: workers
@@ -263,7 +263,7 @@ impl Backoff {
 }
 
 /// What admits a connection: its permit of the connection cap and, on a worker, its place in the
-/// worker's load (see [`crate::workers::Load`]). Held by the connection and its upgraded tunnels.
+/// worker's load (see [`crate::workers::LoadGuard`]). Held by the connection and its upgraded tunnels.
 pub(crate) struct Admission {
     _permit: OwnedSemaphorePermit,
     _load: Option<crate::workers::LoadGuard>,
