@@ -87,14 +87,19 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            // Nothing buffered: let the connection read, then look again.
-            if let Some(conn) = this.release.as_mut().and_then(|r| r.h1.as_mut()) {
-                conn.drive(cx);
-                polled = Pin::new(&mut this.inner).poll_frame(cx);
-            }
-        }
+        let inner = &mut this.inner;
+        let polled = match this.release.as_mut().and_then(|r| r.h1.as_mut()) {
+            Some(conn) => conn.poll_owned(cx, |conn, cx| {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                if polled.is_pending() {
+                    // Nothing buffered: let the connection read, then look again.
+                    conn.drive(cx);
+                    return Pin::new(&mut *inner).poll_frame(cx);
+                }
+                polled
+            }),
+            None => Pin::new(&mut *inner).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => this.finish(true),
             // Release as soon as the last frame is out (known-length bodies), not one poll later.
