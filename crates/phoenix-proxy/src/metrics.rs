@@ -2,10 +2,10 @@
 //!
 //! Request counters and latency histograms are updated on the request path: each route resolves its
 //! own once ([`RouteMetrics`]), so recording a request is an increment and an observation, with no
-//! lookup by labels and no allocation. Upstream health and certificate expiry change outside the request path; rather
-//! than keeping gauges in sync with every health transition and certificate swap, they are read from
-//! their sources when `/metrics` is scraped (a prometheus-client `Collector`), so they can never be
-//! stale.
+//! lookup by labels and no allocation. Upstream health and certificate expiry change outside the
+//! request path; rather than keeping gauges in sync with every health transition and certificate
+//! swap, they are read from their sources when `/metrics` is scraped (a prometheus-client
+//! `Collector`), so they can never be stale.
 
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
