@@ -394,10 +394,7 @@ async fn exchange(tls: &mut Tls, bytes: &[u8], has_body: bool) -> Exchange {
                 Ok(Ok(0)) | Ok(Err(_))
             ));
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = final_response(&text)
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok());
+    let status = status_of(final_response(&text));
     Exchange {
         status,
         text,
@@ -577,18 +574,14 @@ async fn slow_heads_are_cut_at_the_header_read_timeout_and_idle_connections_at_t
         let got = exchange(&mut tls, get("/two").as_bytes(), true).await;
         assert_eq!(got.status, Some(200), "kept-alive connection: {}", got.text);
         assert!(!got.closed);
-        let started = tokio::time::Instant::now();
-        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
-        started.elapsed()
+        cut_after(&mut tls).await
     };
     let slow_first_head = async {
         let mut tls = connect().await;
         tls.write_all(b"GET /slow HTTP/1.1\r\nHost: app.ph")
             .await
             .unwrap();
-        let started = tokio::time::Instant::now();
-        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
-        started.elapsed()
+        cut_after(&mut tls).await
     };
     let slow_second_head = async {
         let mut tls = connect().await;
@@ -598,9 +591,7 @@ async fn slow_heads_are_cut_at_the_header_read_timeout_and_idle_connections_at_t
         tls.write_all(b"GET /slow HTTP/1.1\r\nHost: app.ph")
             .await
             .unwrap();
-        let started = tokio::time::Instant::now();
-        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
-        started.elapsed()
+        cut_after(&mut tls).await
     };
     // The slow head is written together with a complete request, so it begins while that
     // request is in flight: its time starts when the response is done.
@@ -608,9 +599,7 @@ async fn slow_heads_are_cut_at_the_header_read_timeout_and_idle_connections_at_t
         let mut tls = connect().await;
         let bytes = format!("{}GET /slow HTTP/1.1\r\nHost: app.ph", get("/first"));
         tls.write_all(bytes.as_bytes()).await.unwrap();
-        let started = tokio::time::Instant::now();
-        assert!(closed_within(&mut tls, Duration::from_secs(8)).await);
-        started.elapsed()
+        cut_after(&mut tls).await
     };
     let (kept_alive, slow_first_head, slow_second_head, slow_pipelined_head) = tokio::join!(
         kept_alive,
@@ -635,6 +624,13 @@ async fn slow_heads_are_cut_at_the_header_read_timeout_and_idle_connections_at_t
     }
     let targets: Vec<String> = backend.requests().into_iter().map(|r| r.target).collect();
     assert!(!targets.iter().any(|t| t == "/slow"), "{targets:?}");
+}
+
+/// How long after now the server closes the connection (at most 8 s, or the test fails).
+async fn cut_after(tls: &mut Tls) -> Duration {
+    let started = tokio::time::Instant::now();
+    assert!(closed_within(tls, Duration::from_secs(8)).await);
+    started.elapsed()
 }
 
 /// Reads until the server closes the connection (true) or `wait` passes (false).

@@ -395,10 +395,7 @@ pub async fn raw_http1(
         }
     };
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok());
+    let status = status_of(&text);
     Exchange {
         status,
         text,
@@ -407,6 +404,13 @@ pub async fn raw_http1(
 }
 
 /// Resident set size of this process in KiB, from /proc.
+/// The status code of the HTTP/1.1 response that `text` starts with.
+pub fn status_of(text: &str) -> Option<u16> {
+    text.strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+}
+
 pub fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
