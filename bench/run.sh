@@ -63,6 +63,9 @@ TICK=$(getconf CLK_TCK)
 for tool in nginx haproxy caddy wrk h2load lego python3 curl; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (apt-get install nginx haproxy caddy wrk nghttp2-client lego)" >&2; exit 1; }
 done
+if want instr; then
+  command -v valgrind >/dev/null || { echo "bench: the instr figure needs valgrind (apt-get install valgrind, or leave instr out of FIGURES)" >&2; exit 1; }
+fi
 # Every process started below inherits this: the gateway and the idle client need $IDLE descriptors.
 ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -gt $((IDLE + 1000)) ] \
@@ -395,7 +398,6 @@ instr_of() { # tag pid -> instructions per request, from the dump taken after th
   [ -n "$f" ] && awk -v n="$INSTR_REQS" '/^(summary|totals):/{printf "%.0f", $2/n; exit}' "$f"
 }
 if want instr; then
-  command -v valgrind >/dev/null || { echo "bench: the instr figure needs valgrind (apt-get install valgrind)" >&2; exit 1; }
   for c in $CHAINS; do
     case $c in
       nginx)
