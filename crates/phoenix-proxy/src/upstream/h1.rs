@@ -70,6 +70,16 @@ struct Owner {
     raised: AtomicBool,
 }
 
+impl Owner {
+    /// Runs `f` with this connection's wake-ups held back; true when one was raised meanwhile.
+    fn hold<R>(&self, f: impl FnOnce() -> R) -> (R, bool) {
+        self.polling.store(true, Ordering::SeqCst);
+        let result = f();
+        self.polling.store(false, Ordering::SeqCst);
+        (result, self.raised.swap(false, Ordering::SeqCst))
+    }
+}
+
 impl Wake for Owner {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
@@ -135,10 +145,7 @@ impl H1Conn {
         owner.task.register(cx.waker());
         let mut owned = Context::from_waker(&waker);
         for _ in 0..4 {
-            owner.polling.store(true, Ordering::SeqCst);
-            let result = poll(self, &mut owned);
-            owner.polling.store(false, Ordering::SeqCst);
-            let raised = owner.raised.swap(false, Ordering::SeqCst);
+            let (result, raised) = owner.hold(|| poll(self, &mut owned));
             if result.is_ready() || !raised {
                 return result;
             }
@@ -181,10 +188,7 @@ impl H1Conn {
         })
         .await;
         // hyper queues the request here and wakes the driver, which the poll below drives anyway.
-        self.owner.polling.store(true, Ordering::SeqCst);
-        let response = self.tx.try_send_request(req);
-        self.owner.polling.store(false, Ordering::SeqCst);
-        self.owner.raised.store(false, Ordering::SeqCst);
+        let (response, _) = self.owner.hold(|| self.tx.try_send_request(req));
         let mut response = std::pin::pin!(response);
         std::future::poll_fn(|cx| {
             self.poll_owned(cx, |conn, cx| {
