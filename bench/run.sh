@@ -29,7 +29,8 @@
 #   close     wrk with `Connection: close`: one full TLS handshake per request, req/s
 #   h2        h2load -c$CONNS -m10 over HTTP/2 (ALPN h2), req/s
 #   cpu       CPU seconds (utime+stime from /proc/PID/stat, all processes of both hops) per 10 000
-#             requests of the keep-alive run
+#             requests of the keep-alive run, also split into user and kernel time, next to the rest
+#             of the machine's busy time (/proc/stat) in the same interval
 #   peak      peak RSS (VmHWM) summed over the processes of both hops after the load runs
 #   idle      RSS of the gateway's processes holding $IDLE idle TLS connections (bench/idle_conns.py)
 #   sse       extra time to the first SSE event through the chain compared with the backend directly
@@ -307,7 +308,10 @@ pids_direct() { CHAIN_PIDS=$(nginx_pids nginx-b.pid); GW_PIDS=$CHAIN_PIDS; }
 # --------------------------------------------------------------------------------------------------
 # Measurements.
 url() { if [ "$1" = direct ]; then echo "http://$HOST:$PORT/"; else echo "https://$HOST:$PORT/"; fi; }
-cpu_ticks() { local t=0 p; for p in $1; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+# "user system" clock ticks of the processes in $1; the machine's busy ticks (all CPUs, every process).
+cpu_ticks() { local u=0 s=0 p a b; for p in $1; do [ -r /proc/$p/stat ] && read -r a b < <(awk '{print $14, $15}' /proc/$p/stat) && u=$((u + a)) && s=$((s + b)); done; echo "$u $s"; }
+busy_ticks() { awk '$1=="cpu"{print $2+$3+$4+$7+$8}' /proc/stat; }
+per10k() { awk -v t="$1" -v hz="$TICK" -v n="$2" 'BEGIN{printf "%.3f", t/hz/n*10000}'; }
 kb_sum() { local t=0 p v; for p in $2; do v=$(awk -v k="$1:" '$1==k{print $2}' /proc/$p/status 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
 to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /s$/) {sub(/s$/,"",v); print v*1000} else print "nan" }'; }
 
@@ -315,17 +319,21 @@ declare -A R   # R[chain.metric] = "v1 v2 ..." one value per round
 add() { R[$1.$2]+="$3 "; }
 
 measure() { # chain
-  local c=$1 out reqs t0 t1
+  local c=$1 out reqs u0 s0 b0 u1 s1 b1
   wrk -t1 -c"$CONNS" -d1s "$(url "$c")" >/dev/null 2>&1 || true   # warm-up: pools, caches
-  t0=$(cpu_ticks "$CHAIN_PIDS")
+  read -r u0 s0 < <(cpu_ticks "$CHAIN_PIDS"); b0=$(busy_ticks)
   out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$(url "$c")")
-  t1=$(cpu_ticks "$CHAIN_PIDS")
+  read -r u1 s1 < <(cpu_ticks "$CHAIN_PIDS"); b1=$(busy_ticks)
   echo "$out" > "wrk-ka-$c.out"
   reqs=$(echo "$out" | awk '/requests in/{print $1}')
   add "$c" ka "$(echo "$out" | awk '/Requests\/sec/{print $2}')"
   add "$c" p50 "$(to_ms "$(echo "$out" | awk '$1=="50%"{print $2}')")"
   add "$c" p99 "$(to_ms "$(echo "$out" | awk '$1=="99%"{print $2}')")"
-  add "$c" cpu "$(awk -v t=$((t1 - t0)) -v hz="$TICK" -v n="$reqs" 'BEGIN{printf "%.3f", t/hz/n*10000}')"
+  add "$c" cpu "$(per10k $((u1 - u0 + s1 - s0)) "$reqs")"
+  add "$c" cpu_user "$(per10k $((u1 - u0)) "$reqs")"
+  add "$c" cpu_sys "$(per10k $((s1 - s0)) "$reqs")"
+  # Everything else the machine ran meanwhile (/proc/stat counts this VM only): the client and the backend.
+  add "$c" cpu_rest "$(per10k $((b1 - b0 - (u1 - u0) - (s1 - s0))) "$reqs")"
   echo "$out" | grep -E "Non-2xx|Socket errors" | sed "s/^/  $c keep-alive: /" >&2 || true
 
   if want close; then
@@ -499,6 +507,26 @@ for c in $CHAINS; do
   [ "$c" = direct ] && continue
   echo "| $c | $(ratio "$(M "$c" ka)" "$(M nginx ka)") | $(ratio "$(M "$c" p99)" "$(M nginx p99)") | $(ratio "$(M "$c" close)" "$(M nginx close)") | $(ratio "$(M "$c" h2)" "$(M nginx h2)") | $(ratio "$(M "$c" cpu)" "$(M nginx cpu)") | $(ratio "$(M "$c" idle)" "$(M nginx idle)") |"
 done
+if want ka; then
+  echo
+  echo "Where the CPU goes in the keep-alive run (CPU s per 10 000 requests; \"rest\" is everything else the"
+  echo "machine ran meanwhile: the client and the backend, mostly):"
+  echo
+  echo "| chain | proxies, user | proxies, kernel | rest | total |"
+  echo "|---|---:|---:|---:|---:|"
+  total() { awk -v u="$(M "$1" cpu_user)" -v s="$(M "$1" cpu_sys)" -v r="$(M "$1" cpu_rest)" 'BEGIN{ if (u=="-") print "-"; else printf "%.3f", u+s+r }'; }
+  for c in $CHAINS; do
+    [ "$c" = direct ] && continue
+    echo "| $c | $(M "$c" cpu_user) | $(M "$c" cpu_sys) | $(M "$c" cpu_rest) | $(total "$c") |"
+  done
+  if [[ " $CHAINS " == *" nginx "* && " $CHAINS " == *" phoenix "* ]]; then
+    # Requests per second follow total CPU per request once the machine is saturated, so 1.25 x nginx's
+    # rate means at most 0.8 x its total; the rest (client, backend) is not the proxies' to save.
+    awk -v tn="$(total nginx)" -v r="$(M phoenix cpu_rest)" -v s="$(M phoenix cpu_sys)" -v un="$(M nginx cpu_user)" 'BEGIN{
+      if (tn=="-" || r=="-") exit; b=0.8*tn-r;
+      printf "\nFor 1.25 x nginx'"'"'s keep-alive rate: total <= %.3f, so the proxies <= %.3f; Phoenix'"'"'s kernel time (%.3f)\nleaves %.3f for its user space, %.2f x nginx'"'"'s (%.3f).\n", 0.8*tn, b, s, b-s, (b-s)/un, un }'
+  fi
+fi
 if want instr; then
   echo
   echo "User-space instructions per request under callgrind ($INSTR_REQS keep-alive requests, h2load --h1 -c10):"
