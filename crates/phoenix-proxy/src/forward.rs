@@ -42,6 +42,19 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// `HOP_BY_HOP` as text, to compare names with: `HeaderName::as_str` of a standard name is a
+/// table lookup of its own, on the path of every request and response.
+const HOP_BY_HOP_NAMES: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// The lengths of the names in `HOP_BY_HOP` and of `te`.
 const HOP_BY_HOP_LENGTHS: [usize; 7] = [2, 7, 10, 16, 17, 18, 19];
 
@@ -91,13 +104,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // but `Connection`, and a removal of an absent name still costs a hash and a probe.
     let mut present = [false; HOP_BY_HOP.len()];
     let mut te = false;
+    let mut close_field = false;
     for name in headers.keys() {
         let name = name.as_str();
+        if name.len() == 5 {
+            close_field |= name == "close";
+            continue;
+        }
         // Most names are ruled out by their length, without comparing any text.
         if !HOP_BY_HOP_LENGTHS.contains(&name.len()) {
             continue;
         }
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == name) {
+        if let Some(i) = HOP_BY_HOP_NAMES.iter().position(|&h| h == name) {
             present[i] = true;
         } else if name == header::TE.as_str() {
             te = true;
@@ -118,8 +136,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let first = connection.next();
     let more: Vec<HeaderValue> = connection.collect();
     for name in list_elements(first.iter().chain(&more)) {
+        // The usual options need no lookup: a hop-by-hop name goes below when it is present, and
+        // `close` (RFC 9110 section 7.6.1 reserves it as a field name) only when such a field came.
+        if HOP_BY_HOP_NAMES
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+            || (name.eq_ignore_ascii_case("close") && !close_field)
+        {
+            continue;
+        }
         // Removing by `&str` looks the name up without building a `HeaderName` (which allocates
-        // for names such as `keep-alive` or `close`); a token that is no valid name matches nothing.
+        // for most names); a token that is no valid name matches nothing.
         headers.remove(name);
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
@@ -575,6 +602,19 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_connection_close_alone() {
+        let mut h = map(&[
+            ("connection", "Close"),
+            ("range", "bytes=0-1"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["range", "x-keep"]);
+    }
+
+    #[test]
     fn te_listed_in_connection_is_dropped() {
         let mut h = map(&[("connection", "te"), ("te", "trailers")]);
         remove_hop_by_hop(&mut h, false);
@@ -773,6 +813,12 @@ mod tests {
         let b = ensure_request_id(&mut HeaderMap::new());
         assert_ne!(a, b);
         assert!(a.to_str().unwrap().chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn hop_by_hop_names_match_the_header_names() {
+        let names: Vec<&str> = HOP_BY_HOP.iter().map(HeaderName::as_str).collect();
+        assert_eq!(names, HOP_BY_HOP_NAMES);
     }
 
     #[test]
