@@ -8,8 +8,9 @@
 //! certificate it was handshaken with, new handshakes see the new one. The resolver also answers ACME
 //! `tls-alpn-01` challenges (RFC 8737) when a ClientHello offers the `acme-tls/1` protocol.
 //!
-//! The crypto provider is not chosen here: binaries and tests install aws-lc-rs as the process default
-//! once; the builders use that default (and fall back to the crate feature, also aws-lc-rs).
+//! The crypto provider is [`crypto_provider`]: aws-lc-rs with the AES-128-GCM suites first. Binaries
+//! install it as the process default once; the builders use that default (and fall back to it).
+//! Listeners pick the suite by this order, not the client's: see [`crypto_provider`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -71,7 +72,42 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .unwrap_or_else(|| Arc::new(crypto_provider()))
+}
+
+/// aws-lc-rs with every suite of its default set, AES-128-GCM first, then AES-256-GCM, then
+/// ChaCha20-Poly1305, TLS 1.3 before TLS 1.2.
+///
+/// aws-lc-rs lists AES-256-GCM first, and so do OpenSSL clients; with TLS 1.3 that suite also brings
+/// SHA-384, whose 128-byte blocks no common CPU instruction computes, into every step of the
+/// handshake's key schedule: in a handshake per request, SHA-512 blocks were 42% of the gateway's
+/// instructions. AES-128-GCM comes with SHA-256, which x86 and ARM CPUs compute with instructions of
+/// their own, and fewer AES rounds per record; it is the suite RFC 8446 requires every TLS 1.3 peer
+/// to implement, and the one Go's TLS stack prefers on CPUs with AES instructions. Listeners therefore choose by this order, not the client's
+/// (`ignore_client_order`), and Phoenix's own client offers it first. Clients without AES
+/// instructions would rather have ChaCha20; rustls cannot choose per client, and the deployments
+/// Phoenix is for run on CPUs with AES.
+pub fn crypto_provider() -> CryptoProvider {
+    use rustls::CipherSuite as S;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let rank = |suite: &rustls::SupportedCipherSuite| {
+        let bulk = match suite.suite() {
+            S::TLS13_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+            S::TLS13_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        };
+        (
+            suite.version().version != rustls::ProtocolVersion::TLSv1_3,
+            bulk,
+        )
+    };
+    // A stable sort: suites of equal rank keep aws-lc-rs's order (ECDSA before RSA).
+    provider.cipher_suites.sort_by_key(rank);
+    provider
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -509,6 +545,8 @@ pub fn try_server_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
+    // The provider's order, AES-128-GCM first (see `crypto_provider`).
+    config.ignore_client_order = true;
     config.alpn_protocols = vec![
         ALPN_H2.to_vec(),
         ALPN_HTTP11.to_vec(),
@@ -522,12 +560,73 @@ mod tests {
     use super::*;
 
     fn install() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let _ = crypto_provider().install_default();
     }
 
     fn self_signed(name: &str) -> (String, String) {
         let cert = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
         (cert.cert.pem(), cert.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn the_provider_keeps_every_suite_and_puts_aes_128_gcm_first() {
+        let ours: Vec<_> = crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let mut theirs: Vec<_> = rustls::crypto::aws_lc_rs::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(ours[1], rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+        let first_tls12 = ours
+            .iter()
+            .position(|s| !format!("{s:?}").starts_with("TLS13"));
+        assert_eq!(
+            ours[first_tls12.unwrap()],
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        );
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        theirs.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted, theirs, "a suite was dropped or added");
+    }
+
+    #[tokio::test]
+    async fn a_listener_chooses_aes_128_gcm_over_the_clients_first_choice() {
+        install();
+        let (cert, key) = self_signed("suite.test");
+        let resolver = CertResolver::new();
+        resolver.set_default(certified_key_from_pem(&cert, &key).unwrap());
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver, None));
+        // A client that, like OpenSSL's, lists AES-256-GCM first.
+        let client_provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        assert_eq!(
+            client_provider.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+        let client = rustls::ClientConfig::builder_with_provider(client_provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(Arc::new(roots_from_pem(&cert).unwrap()))
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::try_from("suite.test").unwrap();
+        let (client, server) = tokio::join!(connector.connect(name, a), acceptor.accept(b));
+        let (client, server) = (client.unwrap(), server.unwrap());
+        for suite in [
+            client.get_ref().1.negotiated_cipher_suite(),
+            server.get_ref().1.negotiated_cipher_suite(),
+        ] {
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
     }
 
     #[test]

@@ -228,7 +228,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     // One crypto provider for every TLS config of the process.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = phoenix_proxy::tls::crypto_provider().install_default();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
