@@ -537,6 +537,7 @@ pub fn try_server_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("the aws-lc-rs provider supports TLS 1.2 and 1.3");
+    let mutual = client_auth.is_some();
     let builder = match client_auth {
         Some(roots) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider).build()?;
@@ -545,6 +546,18 @@ pub fn try_server_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
+    if !mutual {
+        // Resumption for every client, not only for the last 128 handshakes: rustls otherwise
+        // keeps sessions in a 256-entry cache behind one lock for all workers, two per handshake.
+        // Tickets are encrypted with keys that live only in memory and rotate every 6 hours. A
+        // listener that requires client certificates keeps the cache: its clients are a few
+        // proxies with long-lived connections, and a session there carries a client identity.
+        config.ticketer =
+            rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|source| TlsError::Rustls {
+                what: "session ticket keys".into(),
+                source,
+            })?;
+    }
     // The provider's order, AES-128-GCM first (see `crypto_provider`).
     config.ignore_client_order = true;
     config.alpn_protocols = vec![
@@ -627,6 +640,51 @@ mod tests {
                 Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
             );
         }
+    }
+
+    /// One handshake of `client` with `acceptor`, reading until the server closes (which is when
+    /// the client takes in the session tickets); how the handshake went.
+    async fn handshake(
+        acceptor: &tokio_rustls::TlsAcceptor,
+        client: Arc<rustls::ClientConfig>,
+    ) -> rustls::HandshakeKind {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = async {
+            let mut tls = acceptor.accept(b).await.unwrap();
+            tls.write_all(b"x").await.unwrap();
+            tls.shutdown().await.unwrap();
+        };
+        let client = async {
+            let connector = tokio_rustls::TlsConnector::from(client);
+            let name = ServerName::try_from("resume.test").unwrap();
+            let mut tls = connector.connect(name, a).await.unwrap();
+            let mut read = Vec::new();
+            tls.read_to_end(&mut read).await.unwrap();
+            assert_eq!(read, b"x");
+            tls.get_ref().1.handshake_kind().unwrap()
+        };
+        tokio::join!(server, client).1
+    }
+
+    #[tokio::test]
+    async fn a_client_resumes_after_more_handshakes_than_a_session_cache_holds() {
+        use rustls::HandshakeKind::{Full, Resumed};
+        install();
+        let (cert, key) = self_signed("resume.test");
+        let resolver = CertResolver::new();
+        resolver.set_default(certified_key_from_pem(&cert, &key).unwrap());
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver, None));
+        let roots = Arc::new(roots_from_pem(&cert).unwrap());
+        let client = || client_config(roots.clone(), &[], None);
+        let first = client();
+        assert_eq!(handshake(&acceptor, first.clone()).await, Full);
+        // rustls's own session cache holds 256 sessions, two per handshake: these push the first
+        // client's sessions out of it.
+        for _ in 0..140 {
+            assert_eq!(handshake(&acceptor, client()).await, Full);
+        }
+        assert_eq!(handshake(&acceptor, first).await, Resumed);
     }
 
     #[test]
