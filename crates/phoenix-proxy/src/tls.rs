@@ -608,46 +608,23 @@ mod tests {
         assert_eq!(sorted, theirs, "a suite was dropped or added");
     }
 
-    #[tokio::test]
-    async fn a_listener_chooses_aes_128_gcm_over_the_clients_first_choice() {
+    /// A proxy listener's acceptor with a self-signed certificate for `test.invalid`, and the
+    /// roots that trust it.
+    fn listener() -> (tokio_rustls::TlsAcceptor, Arc<RootCertStore>) {
         install();
-        let (cert, key) = self_signed("suite.test");
+        let (cert, key) = self_signed("test.invalid");
         let resolver = CertResolver::new();
         resolver.set_default(certified_key_from_pem(&cert, &key).unwrap());
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver, None));
-        // A client that, like OpenSSL's, lists AES-256-GCM first.
-        let client_provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        assert_eq!(
-            client_provider.cipher_suites[0].suite(),
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-        );
-        let client = rustls::ClientConfig::builder_with_provider(client_provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(Arc::new(roots_from_pem(&cert).unwrap()))
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let name = ServerName::try_from("suite.test").unwrap();
-        let (client, server) = tokio::join!(connector.connect(name, a), acceptor.accept(b));
-        let (client, server) = (client.unwrap(), server.unwrap());
-        for suite in [
-            client.get_ref().1.negotiated_cipher_suite(),
-            server.get_ref().1.negotiated_cipher_suite(),
-        ] {
-            assert_eq!(
-                suite.map(|s| s.suite()),
-                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
-            );
-        }
+        (acceptor, Arc::new(roots_from_pem(&cert).unwrap()))
     }
 
     /// One handshake of `client` with `acceptor`, reading until the server closes (which is when
-    /// the client takes in the session tickets); how the handshake went.
+    /// the client takes in the session tickets): how it went, and the suite it agreed on.
     async fn handshake(
         acceptor: &tokio_rustls::TlsAcceptor,
         client: Arc<rustls::ClientConfig>,
-    ) -> rustls::HandshakeKind {
+    ) -> (rustls::HandshakeKind, rustls::CipherSuite) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server = async {
@@ -657,34 +634,49 @@ mod tests {
         };
         let client = async {
             let connector = tokio_rustls::TlsConnector::from(client);
-            let name = ServerName::try_from("resume.test").unwrap();
+            let name = ServerName::try_from("test.invalid").unwrap();
             let mut tls = connector.connect(name, a).await.unwrap();
             let mut read = Vec::new();
             tls.read_to_end(&mut read).await.unwrap();
             assert_eq!(read, b"x");
-            tls.get_ref().1.handshake_kind().unwrap()
+            let conn = tls.get_ref().1;
+            let suite = conn.negotiated_cipher_suite().unwrap().suite();
+            (conn.handshake_kind().unwrap(), suite)
         };
         tokio::join!(server, client).1
     }
 
     #[tokio::test]
+    async fn a_listener_chooses_aes_128_gcm_over_the_clients_first_choice() {
+        let (acceptor, roots) = listener();
+        // A client that, like OpenSSL's, lists AES-256-GCM first.
+        let client_provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        assert_eq!(
+            client_provider.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+        let client = rustls::ClientConfig::builder_with_provider(client_provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (_, suite) = handshake(&acceptor, Arc::new(client)).await;
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
+
+    #[tokio::test]
     async fn a_client_resumes_after_more_handshakes_than_a_session_cache_holds() {
         use rustls::HandshakeKind::{Full, Resumed};
-        install();
-        let (cert, key) = self_signed("resume.test");
-        let resolver = CertResolver::new();
-        resolver.set_default(certified_key_from_pem(&cert, &key).unwrap());
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver, None));
-        let roots = Arc::new(roots_from_pem(&cert).unwrap());
+        let (acceptor, roots) = listener();
         let client = || client_config(roots.clone(), &[], None);
         let first = client();
-        assert_eq!(handshake(&acceptor, first.clone()).await, Full);
+        assert_eq!(handshake(&acceptor, first.clone()).await.0, Full);
         // rustls's own session cache holds 256 sessions, two per handshake: these push the first
         // client's sessions out of it.
         for _ in 0..140 {
-            assert_eq!(handshake(&acceptor, client()).await, Full);
+            assert_eq!(handshake(&acceptor, client()).await.0, Full);
         }
-        assert_eq!(handshake(&acceptor, first).await, Resumed);
+        assert_eq!(handshake(&acceptor, first).await.0, Resumed);
     }
 
     #[test]
