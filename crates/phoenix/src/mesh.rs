@@ -211,6 +211,11 @@ impl Mesh {
         self
     }
 
+    /// Resolves once the mesh has a certificate to serve.
+    pub fn ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.cert.ready()
+    }
+
     /// Binds the TLS and admin listeners; serving starts when the returned future is polled.
     pub async fn bind(
         self,

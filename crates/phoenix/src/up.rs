@@ -166,12 +166,23 @@ pub async fn run(
                 .map_err(anyhow::Error::from)
         });
     }
+    // The hint to try the flow is printed once every hop has its certificate: a request sent as
+    // soon as the gateway has one could still meet a mesh without one (a refused handshake, 502).
+    let mut mesh_ready = None;
     if let Some(mesh) = mesh {
+        mesh_ready = Some(mesh.ready());
         tasks.spawn(mesh.bind(shutdown.clone()).await?);
     }
     let mut ready = None;
     if let Some(gateway) = gateway {
-        ready = Some((gateway.ready(), gateway.listen_addr()));
+        let gateway_ready = gateway.ready();
+        let all = async move {
+            gateway_ready.await;
+            if let Some(mesh_ready) = mesh_ready {
+                mesh_ready.await;
+            }
+        };
+        ready = Some((all, gateway.listen_addr()));
         tasks.spawn(gateway.bind(shutdown.clone()).await?);
     }
 
