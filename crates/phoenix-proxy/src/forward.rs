@@ -30,20 +30,9 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `Forwarded` (RFC 7239).
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
-/// Headers that are hop-by-hop by definition (RFC 9110 section 7.6.1, plus the de-facto ones).
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// `HOP_BY_HOP` as text, to compare names with: `HeaderName::as_str` of a standard name is a
-/// table lookup of its own, on the path of every request and response.
+/// Headers that are hop-by-hop by definition (RFC 9110 section 7.6.1, plus the de-facto ones), as
+/// text to compare names with: `HeaderName::as_str` of a standard name is a table lookup of its
+/// own, on the path of every request and response.
 const HOP_BY_HOP_NAMES: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -53,6 +42,18 @@ const HOP_BY_HOP_NAMES: [&str; 8] = [
     "trailer",
     "transfer-encoding",
     "upgrade",
+];
+
+/// `HOP_BY_HOP_NAMES` as header names, to remove them by (a removal by text parses the name first).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    HeaderName::from_static(HOP_BY_HOP_NAMES[0]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[1]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[2]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[3]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[4]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[5]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[6]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[7]),
 ];
 
 /// The lengths of the names in `HOP_BY_HOP` and of `te`.
@@ -814,12 +815,6 @@ mod tests {
         let b = ensure_request_id(&mut HeaderMap::new());
         assert_ne!(a, b);
         assert!(a.to_str().unwrap().chars().all(|c| c.is_ascii_hexdigit()));
-    }
-
-    #[test]
-    fn hop_by_hop_names_match_the_header_names() {
-        let names: Vec<&str> = HOP_BY_HOP.iter().map(HeaderName::as_str).collect();
-        assert_eq!(names, HOP_BY_HOP_NAMES);
     }
 
     #[test]
