@@ -84,7 +84,7 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 
 /// The comma-separated elements of a list header's values (`Connection`, `TE`), without the
 /// surrounding whitespace; values that are not text are skipped.
-fn list_elements<'a>(
+pub(crate) fn list_elements<'a>(
     values: impl IntoIterator<Item = &'a HeaderValue>,
 ) -> impl Iterator<Item = &'a str> {
     values

@@ -363,9 +363,10 @@ impl Proxy {
                 log.upstream = Some(server);
                 let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if switching {
-                    if let Some(client_upgrade) = client_upgrade {
-                        let upstream_upgrade = hyper::upgrade::on(&mut response);
-                        conn.spawn_tunnel(client_upgrade, upstream_upgrade);
+                    if let (Some(client), Some(upstream)) =
+                        (client_upgrade, response.body_mut().take_upgrade())
+                    {
+                        conn.spawn_tunnel(client, upstream);
                     }
                 }
                 let (mut rparts, rbody) = response.into_parts();
@@ -679,16 +680,14 @@ impl ConnInfo {
     fn spawn_tunnel(
         self: &Arc<Self>,
         client: hyper::upgrade::OnUpgrade,
-        upstream: hyper::upgrade::OnUpgrade,
+        mut upstream: crate::upstream::Upgraded,
     ) {
         let conn = self.clone();
         let peer = self.peer;
         self.tasks.spawn(async move {
             let force = conn.force_close.clone();
             let joined = async {
-                let (client, upstream) = tokio::try_join!(client, upstream)?;
-                let mut client = hyper_util::rt::TokioIo::new(client);
-                let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+                let mut client = hyper_util::rt::TokioIo::new(client.await?);
                 tokio::io::copy_bidirectional(&mut client, &mut upstream)
                     .await
                     .map_err(|e| -> BoxError { e.into() })?;

@@ -776,10 +776,11 @@ async fn upgrade_takes_over_an_http1_connection() {
         upstreamed.response.status(),
         StatusCode::SWITCHING_PROTOCOLS
     );
-    let upgraded = hyper::upgrade::on(upstreamed.response)
-        .await
+    let mut io = upstreamed
+        .response
+        .into_body()
+        .take_upgrade()
         .expect("upgraded");
-    let mut io = TokioIo::new(upgraded);
     io.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     io.read_exact(&mut buf).await.unwrap();

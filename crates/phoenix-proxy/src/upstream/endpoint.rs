@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
@@ -41,7 +41,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
-use super::h1::{H1Conn, UpstreamIo};
+use super::h1::{H1Conn, SendError, UpstreamIo};
 use super::health::HealthState;
 use super::response::{InFlight, ResponseBody};
 use super::target::{Protocol, Target};
@@ -231,22 +231,19 @@ impl Endpoint {
                 Err(source) => return Err(AttemptError::Connect { req, source }),
             };
             let mut h2_generation = None;
-            let outcome = match conn {
-                Conn::H1(mut conn) => {
+            // What failed, and the request if it came back unsent.
+            let (returned, source): (Option<Request<UpstreamBody>>, BoxError) = match conn {
+                Conn::H1(conn) => {
                     prepare_h1(&mut req, &self.target);
-                    if upgrade {
-                        conn.detach();
-                    }
-                    match conn.send(req).await {
+                    match conn.send(req, upgrade).await {
                         Ok(mut resp) => {
                             if let Some(used) = used.take() {
                                 resp.extensions_mut().insert(used);
                             }
-                            let keep =
-                                (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(conn);
-                            return Ok(resp.map(|b| ResponseBody::new(b, in_flight, keep)));
+                            return Ok(resp.map(|b| ResponseBody::h1(b, in_flight)));
                         }
-                        Err(e) => e,
+                        Err(SendError::NotSent(req, e)) => (Some(*req), Box::new(e)),
+                        Err(SendError::Sent(e)) => (None, Box::new(e)),
                     }
                 }
                 Conn::H2(mut tx, generation) => {
@@ -257,22 +254,20 @@ impl Endpoint {
                             if let Some(used) = used.take() {
                                 resp.extensions_mut().insert(used);
                             }
-                            return Ok(resp.map(|b| ResponseBody::new(b, in_flight, None)));
+                            return Ok(resp.map(|b| ResponseBody::h2(b, in_flight)));
                         }
-                        Err(e) => {
-                            if e.message().is_some() {
+                        Err(mut e) => {
+                            let returned = e.take_message();
+                            if returned.is_some() {
                                 // Unsent means the connection takes no more streams (GOAWAY, closed):
                                 // make the next request connect instead of finding it again.
                                 self.forget_h2(generation);
                             }
-                            e
+                            (returned, Box::new(e.into_error()))
                         }
                     }
                 }
             };
-            let mut err = outcome;
-            let returned = err.take_message();
-            let source: BoxError = Box::new(err.into_error());
             let again = reused && stale < STALE_RETRIES;
             match (returned, replay) {
                 (Some(back), _) if again => req = back,
@@ -299,29 +294,25 @@ impl Endpoint {
     }
 
     /// The newest idle HTTP/1.1 connection, unless it is too old. Whether the server closed it in
-    /// the meantime shows when it is driven again, before the request is written (see `h1`).
+    /// the meantime shows when the request is about to be written (see `h1`).
     fn h1_checkout(&self) -> Option<H1Conn> {
         let now = Instant::now();
         let mut idle = self.idle_list().lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let entry = idle.pop_back()?;
-            if now.duration_since(entry.since) > IDLE_TIMEOUT {
-                // newest is too old, so are all the others
-                idle.clear();
-                return None;
-            }
-            if !entry.conn.is_closed() {
-                return Some(entry.conn);
-            }
+        let entry = idle.pop_back()?;
+        if now.duration_since(entry.since) > IDLE_TIMEOUT {
+            // newest is too old, so are all the others
+            idle.clear();
+            return None;
         }
+        Some(entry.conn)
     }
 
-    /// Drops idle HTTP/1.1 connections past [`IDLE_TIMEOUT`]; hyper then closes them.
+    /// Closes idle HTTP/1.1 connections past [`IDLE_TIMEOUT`].
     pub(crate) fn close_expired_idle(&self) {
         let now = Instant::now();
         for list in &self.h1_idle {
             let mut idle = list.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT && !c.conn.is_closed());
+            idle.retain(|c| now.duration_since(c.since) <= IDLE_TIMEOUT);
         }
     }
 
@@ -332,9 +323,6 @@ impl Endpoint {
 
     /// Called by [`ResponseBody`] when a response on `conn` ended cleanly.
     pub(crate) fn return_h1(&self, conn: H1Conn) {
-        if conn.is_closed() {
-            return;
-        }
         let now = Instant::now();
         let mut idle = self.idle_list().lock().unwrap_or_else(|p| p.into_inner());
         while idle
@@ -469,9 +457,7 @@ impl Endpoint {
                     if h2 && !self.h2_refused.swap(true, Ordering::Relaxed) {
                         tracing::debug!(server = %self.url, "server did not select h2; using HTTP/1.1");
                     }
-                    Ok(Conn::H1(
-                        H1Conn::handshake(UpstreamIo::Tls(Box::new(stream))).await?,
-                    ))
+                    Ok(Conn::H1(H1Conn::new(UpstreamIo::Tls(Box::new(stream)))))
                 }
             }
             (Protocol::Https, None) => Err("https server without TLS settings".into()),
@@ -486,7 +472,7 @@ impl Endpoint {
                     "http"
                 };
                 note(scheme, false, None);
-                Ok(Conn::H1(H1Conn::handshake(UpstreamIo::Tcp(tcp)).await?))
+                Ok(Conn::H1(H1Conn::new(UpstreamIo::Tcp(tcp))))
             }
         }
     }

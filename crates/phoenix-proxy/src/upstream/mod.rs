@@ -47,6 +47,7 @@ use crate::config::{Problem, ServiceConfig};
 use crate::tls;
 use balance::Balancer;
 use endpoint::{AttemptError, Endpoint, Replay, TlsSettings};
+pub use h1::Upgraded;
 use health::Transition;
 pub use response::ResponseBody;
 

@@ -1,6 +1,6 @@
 //! The response body handed to the caller, which knows when the upstream exchange is over.
 //!
-//! hyper's `Incoming` says nothing when it ends, yet two things must happen exactly then: the
+//! A response body says nothing when it ends, yet two things must happen exactly then: the
 //! server's in-flight count (used by least-requests) drops, and an HTTP/1.1 connection goes back to
 //! the keep-alive pool. Doing either when the response *headers* arrive would be wrong for the
 //! traffic this proxy exists for: an LLM token stream can run for minutes after its headers, and a
@@ -8,12 +8,9 @@
 //! - at the end of the stream (or an empty body, e.g. HEAD, 204, 304) the connection is returned to
 //!   the pool at once, so a client sending requests one after another reuses one connection;
 //! - dropped before its end (client went away, error), the in-flight count drops but the HTTP/1.1
-//!   connection is not reused: hyper closes it, since it is in an unknown state;
-//! - a `101 Switching Protocols` response never returns its connection: it belongs to the upgrade.
-//!
-//! `ResponseBody` implements `http_body::Body` with hyper's own error type, so it can be boxed with
-//! `crate::body::boxed` like `Incoming`; `hyper::upgrade::on` works on the response as usual (the
-//! upgrade handle travels in the response extensions, not in the body).
+//!   connection is not reused: it is closed, since it is in an unknown state;
+//! - a `101 Switching Protocols` response never returns its connection: it belongs to the upgrade
+//!   ([`ResponseBody::take_upgrade`]).
 
 use std::fmt;
 use std::pin::Pin;
@@ -21,7 +18,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use super::endpoint::Endpoint;
-use super::h1::H1Conn;
+use super::h1::{H1Body, Upgraded};
+use crate::body::BoxError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -46,64 +44,86 @@ impl Drop for InFlight {
     }
 }
 
-struct Release {
-    in_flight: InFlight,
-    /// The HTTP/1.1 connection the response came on: driven while the body is read (see `h1`),
-    /// returned to the pool at a clean end.
-    h1: Option<H1Conn>,
+/// Where the body comes from.
+enum Inner {
+    /// An HTTP/1.1 exchange on a connection this body owns until the exchange is over.
+    H1(H1Body),
+    H2(Incoming),
+    /// Finished, or handed to an upgrade.
+    Ended,
 }
 
-/// Body of an upstream response: hyper's `Incoming`, plus the bookkeeping described above.
+/// Body of an upstream response, plus the bookkeeping described above.
 pub struct ResponseBody {
-    inner: Incoming,
-    release: Option<Release>,
+    inner: Inner,
+    in_flight: Option<InFlight>,
 }
 
 impl ResponseBody {
-    pub(crate) fn new(inner: Incoming, in_flight: InFlight, h1: Option<H1Conn>) -> ResponseBody {
+    pub(crate) fn h1(body: H1Body, in_flight: InFlight) -> ResponseBody {
         ResponseBody {
-            inner,
-            release: Some(Release { in_flight, h1 }),
+            inner: Inner::H1(body),
+            in_flight: Some(in_flight),
+        }
+    }
+
+    pub(crate) fn h2(body: Incoming, in_flight: InFlight) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::H2(body),
+            in_flight: Some(in_flight),
+        }
+    }
+
+    /// The upstream's socket after a `101 Switching Protocols` (HTTP/1.1 only: an upgrade does not
+    /// travel over HTTP/2, see `Endpoint::send`).
+    pub fn take_upgrade(&mut self) -> Option<Upgraded> {
+        match std::mem::replace(&mut self.inner, Inner::Ended) {
+            Inner::H1(body) => body.into_upgraded(),
+            other => {
+                self.inner = other;
+                None
+            }
         }
     }
 
     fn finish(&mut self, clean: bool) {
-        if let Some(release) = self.release.take() {
-            if let (true, Some(mut conn)) = (clean, release.h1) {
-                if conn.settle() {
-                    release.in_flight.0.return_h1(conn);
-                }
+        let Some(in_flight) = self.in_flight.take() else {
+            return;
+        };
+        if let Inner::H1(body) = std::mem::replace(&mut self.inner, Inner::Ended) {
+            if let Some(conn) = body.into_reusable().filter(|_| clean) {
+                in_flight.0.return_h1(conn);
             }
+        }
+    }
+
+    fn inner_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::H1(body) => body.is_end_stream(),
+            Inner::H2(body) => body.is_end_stream(),
+            Inner::Ended => true,
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let inner = &mut this.inner;
-        let polled = match this.release.as_mut().and_then(|r| r.h1.as_mut()) {
-            Some(conn) => conn.poll_owned(cx, |conn, cx| {
-                let polled = Pin::new(&mut *inner).poll_frame(cx);
-                if polled.is_pending() {
-                    // Nothing buffered: let the connection read, then look again.
-                    conn.drive(cx);
-                    return Pin::new(&mut *inner).poll_frame(cx);
-                }
-                polled
-            }),
-            None => Pin::new(&mut *inner).poll_frame(cx),
+        let polled = match &mut this.inner {
+            Inner::H1(body) => body.poll_frame(cx).map_err(BoxError::from),
+            Inner::H2(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Inner::Ended => Poll::Ready(None),
         };
         match &polled {
             Poll::Ready(None) => this.finish(true),
             // Release as soon as the last frame is out (known-length bodies), not one poll later.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(true),
+            Poll::Ready(Some(Ok(_))) if this.inner_end_stream() => this.finish(true),
             Poll::Ready(Some(Err(_))) => this.finish(false),
             _ => {}
         }
@@ -111,26 +131,34 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::H1(body) => body.size_hint(),
+            Inner::H2(body) => body.size_hint(),
+            Inner::Ended => SizeHint::with_exact(0),
+        }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         // An empty body that nobody polled (HEAD, 204, 304) still ended cleanly.
-        let clean = self.inner.is_end_stream();
+        let clean = self.inner_end_stream();
         self.finish(clean);
     }
 }
 
 impl fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("ResponseBody");
+        match &self.inner {
+            Inner::H1(body) => d.field("h1", body),
+            Inner::H2(body) => d.field("h2", body),
+            Inner::Ended => d.field("ended", &true),
+        };
+        d.finish_non_exhaustive()
     }
 }
