@@ -31,6 +31,7 @@
 use std::fmt;
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -120,6 +121,8 @@ pub(crate) struct H1Conn {
     /// Written bytes that a flush has not pushed out yet (TLS).
     unflushed: bool,
     sending: Option<Sending>,
+    /// Where the fields of a response head are, while it is parsed (see `parse_head`).
+    spans: Vec<[usize; 4]>,
     /// False once this connection must not carry another exchange.
     reusable: bool,
 }
@@ -135,6 +138,7 @@ impl H1Conn {
             frame_crlf: false,
             unflushed: false,
             sending: None,
+            spans: Vec::new(),
             reusable: true,
         }
     }
@@ -363,7 +367,7 @@ impl H1Conn {
         loop {
             if !self.read.is_empty() {
                 if let Some((response, decoder)) =
-                    parse_head(&mut self.read, head_request, upgrade)?
+                    parse_head(&mut self.read, &mut self.spans, head_request, upgrade)?
                 {
                     if response.status().is_informational()
                         && response.status() != StatusCode::SWITCHING_PROTOCOLS
@@ -520,14 +524,22 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// Parses a response head at the start of `read`, and consumes it when it is complete.
+/// `spans` is scratch space kept by the connection, so that a head costs no allocation for it.
 fn parse_head(
     read: &mut BytesMut,
+    spans: &mut Vec<[usize; 4]>,
     head_request: bool,
     upgrade: bool,
 ) -> Result<Option<(Response<()>, Decoder)>, H1Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut fields);
-    let len = match parsed.parse(read) {
+    // Uninitialised: a zeroed array of 100 fields would cost more than parsing a short head.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        read,
+        &mut fields,
+    );
+    let len = match parsing {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -545,21 +557,20 @@ fn parse_head(
     };
     // Where each field is in the buffer, so that the values can share it once it is frozen.
     let base = read.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let count = parsed.headers.len();
-    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+    spans.clear();
+    spans.extend(parsed.headers.iter().map(|field| {
         let name = field.name.as_ptr() as usize - base;
         let value = field.value.as_ptr() as usize - base;
-        *span = (
+        [
             name,
             name + field.name.len(),
             value,
             value + field.value.len(),
-        );
-    }
+        ]
+    }));
     let head = read.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &[name_start, name_end, value_start, value_end] in spans.iter() {
         let name = HeaderName::from_bytes(&head[name_start..name_end])
             .map_err(|_| H1Error::Malformed("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
