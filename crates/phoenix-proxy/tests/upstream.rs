@@ -717,6 +717,65 @@ async fn concurrent_clients_do_not_churn_connections() {
     assert!(service.servers()[0].in_flight == 0);
 }
 
+/// A server that answers the first request of each connection and closes the connection when the
+/// second one arrives, without an answer: as one does that reaches its keep-alive limit while a
+/// request is on the way. Counts the connections it accepted.
+async fn closes_on_the_second_request() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut heads = 0;
+                loop {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        read.drain(..end + 4);
+                        heads += 1;
+                        if heads > 1 {
+                            return; // closes, unanswered
+                        }
+                        socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_lost_on_a_pooled_connection_is_sent_again_only_if_idempotent() {
+    let (addr, accepted) = closes_on_the_second_request().await;
+    let mut cfg = service_config(vec![url(format!("http://{addr}"))]);
+    cfg.retries = 0; // the pool must cope on its own
+    let service = Service::new(&cfg, &ctx()).unwrap();
+    fetch(&service, get("/")).await.unwrap();
+    // Written into the pooled connection, which closes unanswered: sent again on a fresh one.
+    let (status, _, body) = fetch(&service, get("/again")).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The same for a POST: the server may have acted on it, so it is not sent twice.
+    let post = Request::post("/")
+        .header(header::HOST, "app.phoenix.test")
+        .body(body::empty())
+        .unwrap();
+    assert!(fetch(&service, post).await.is_err());
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_pooled_connections_are_replaced_without_a_failed_request() {
     for scheme in ["http", "h2c"] {

@@ -94,23 +94,27 @@ pub(crate) enum AttemptError {
         req: Request<UpstreamBody>,
         source: BoxError,
     },
-    /// The request was (maybe partly) written and no response headers came.
-    Sent { source: BoxError },
+    /// The request was (maybe partly) written and no response headers came. `resend`: the request
+    /// again, when it may be sent again (`replayable`).
+    Sent {
+        source: BoxError,
+        resend: Option<Request<UpstreamBody>>,
+    },
 }
 
 impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttemptError::Connect { source, .. } => write!(f, "connect failed: {source}"),
-            AttemptError::NotSent { source, .. } | AttemptError::Sent { source } => {
+            AttemptError::NotSent { source, .. } | AttemptError::Sent { source, .. } => {
                 write!(f, "{source}")
             }
         }
     }
 }
 
-/// What is needed to send an idempotent request with an empty body again.
-pub(crate) struct Replay {
+/// A copy of a request's head, to send it again (HTTP/2: hyper keeps a request it has begun to send).
+struct Replay {
     method: Method,
     uri: Uri,
     version: Version,
@@ -118,7 +122,7 @@ pub(crate) struct Replay {
 }
 
 impl Replay {
-    pub(crate) fn of(req: &Request<UpstreamBody>) -> Replay {
+    fn of(req: &Request<UpstreamBody>) -> Replay {
         Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -127,12 +131,12 @@ impl Replay {
         }
     }
 
-    pub(crate) fn build(&self) -> Request<UpstreamBody> {
+    fn build(self) -> Request<UpstreamBody> {
         let mut req = Request::new(crate::body::empty());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
+        *req.headers_mut() = self.headers;
         req
     }
 }
@@ -191,14 +195,14 @@ impl Endpoint {
     }
 
     /// Sends one request to this server. `h2_wanted`: the client spoke HTTP/2 (matters for
-    /// `https://`). A dead pooled connection is replaced transparently: when hyper returns the request
-    /// unsent, or when `replay` allows sending an idempotent empty-body request again.
+    /// `https://`). A dead pooled connection is replaced transparently: when the request comes back
+    /// unsent, or when `replayable` (an idempotent request without a body) allows sending it again.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
         h2_wanted: bool,
         upgrade: bool,
-        replay: Option<&Replay>,
+        replayable: bool,
     ) -> Result<Response<ResponseBody>, AttemptError> {
         let in_flight = InFlight::enter(self);
         // A traced request goes over a fresh connection whose handshake is recorded (see `trace`).
@@ -231,8 +235,8 @@ impl Endpoint {
                 Err(source) => return Err(AttemptError::Connect { req, source }),
             };
             let mut h2_generation = None;
-            // What failed, and the request if it came back unsent.
-            let (returned, source): (Option<Request<UpstreamBody>>, BoxError) = match conn {
+            // What failed; the request if it came back unsent, or if it may be sent again.
+            let (unsent, resend, source): (_, _, BoxError) = match conn {
                 Conn::H1(conn) => {
                     prepare_h1(&mut req, &self.target);
                     match conn.send(req, upgrade).await {
@@ -242,13 +246,19 @@ impl Endpoint {
                             }
                             return Ok(resp.map(|b| ResponseBody::h1(b, in_flight)));
                         }
-                        Err(SendError::NotSent(req, e)) => (Some(*req), Box::new(e)),
-                        Err(SendError::Sent(e)) => (None, Box::new(e)),
+                        Err(SendError::NotSent(req, e)) => (Some(*req), None, Box::new(e)),
+                        Err(SendError::Sent(e, head)) => {
+                            let resend = head
+                                .filter(|_| replayable)
+                                .map(|head| Request::from_parts(*head, crate::body::empty()));
+                            (None, resend, Box::new(e))
+                        }
                     }
                 }
                 Conn::H2(mut tx, generation) => {
                     h2_generation = Some(generation);
                     prepare_h2(&mut req, &self.target);
+                    let copy = replayable.then(|| Replay::of(&req));
                     match tx.try_send_request(req).await {
                         Ok(mut resp) => {
                             if let Some(used) = used.take() {
@@ -257,23 +267,22 @@ impl Endpoint {
                             return Ok(resp.map(|b| ResponseBody::h2(b, in_flight)));
                         }
                         Err(mut e) => {
-                            let returned = e.take_message();
-                            if returned.is_some() {
+                            let unsent = e.take_message();
+                            if unsent.is_some() {
                                 // Unsent means the connection takes no more streams (GOAWAY, closed):
                                 // make the next request connect instead of finding it again.
                                 self.forget_h2(generation);
                             }
-                            (returned, Box::new(e.into_error()))
+                            (unsent, copy.map(Replay::build), Box::new(e.into_error()))
                         }
                     }
                 }
             };
             let again = reused && stale < STALE_RETRIES;
-            match (returned, replay) {
-                (Some(back), _) if again => req = back,
-                (None, Some(replay)) if again => req = replay.build(),
+            match (unsent, resend) {
+                (Some(back), _) | (None, Some(back)) if again => req = back,
                 (Some(req), _) => return Err(AttemptError::NotSent { req, source }),
-                (None, _) => return Err(AttemptError::Sent { source }),
+                (None, resend) => return Err(AttemptError::Sent { source, resend }),
             }
             tracing::debug!(server = %self.url, error = %source, "pooled connection was dead, trying a fresh one");
             if let Some(generation) = h2_generation {

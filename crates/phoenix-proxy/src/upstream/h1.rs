@@ -89,8 +89,10 @@ pub(crate) enum H1Error {
 pub(crate) enum SendError {
     /// Nothing of it was written: it comes back whole.
     NotSent(Box<Request<UpstreamBody>>, H1Error),
-    /// It was (maybe partly) written, and no response head came.
-    Sent(H1Error),
+    /// It was (maybe partly) written, and no response head came. The head comes back when the
+    /// request had no body, so that an idempotent one can be sent again without a copy made in
+    /// advance for the rare failure.
+    Sent(H1Error, Option<Box<http::request::Parts>>),
 }
 
 /// How the request body is framed on the wire.
@@ -163,8 +165,9 @@ impl H1Conn {
             return Err(SendError::NotSent(Box::new(req), error));
         }
         let (parts, body) = req.into_parts();
-        if let Some(encoder) = encoder {
-            self.sending = Some(Sending { body, encoder });
+        match encoder {
+            Some(encoder) => self.sending = Some(Sending { body, encoder }),
+            None => drop(body),
         }
         let head_request = parts.method == Method::HEAD;
         let mut write_error = None;
@@ -185,16 +188,20 @@ impl H1Conn {
             self.poll_head(cx, head_request, upgrade, &mut interim)
         })
         .await;
-        match head {
-            Ok((head, decoder)) => Ok(head.map(|()| H1Body {
-                conn: self,
-                decoder,
-            })),
-            Err(H1Error::Closed(_)) if write_error.is_some() => {
-                Err(SendError::Sent(write_error.expect("checked")))
+        let error = match head {
+            Ok((head, decoder)) => {
+                return Ok(head.map(|()| H1Body {
+                    conn: self,
+                    decoder,
+                }))
             }
-            Err(error) => Err(SendError::Sent(error)),
-        }
+            Err(H1Error::Closed(_)) if write_error.is_some() => write_error.expect("checked"),
+            Err(error) => error,
+        };
+        Err(SendError::Sent(
+            error,
+            encoder.is_none().then(|| Box::new(parts)),
+        ))
     }
 
     /// Why an idle connection cannot take a request: the server closed it, or sent bytes
@@ -1023,7 +1030,7 @@ mod tests {
     fn sent(result: Result<Response<H1Body>, SendError>) -> Response<H1Body> {
         match result {
             Ok(response) => response,
-            Err(SendError::NotSent(_, e) | SendError::Sent(e)) => panic!("exchange failed: {e}"),
+            Err(SendError::NotSent(_, e) | SendError::Sent(e, _)) => panic!("exchange failed: {e}"),
         }
     }
 
@@ -1222,8 +1229,8 @@ mod tests {
             let (conn, mut server) = pair().await;
             let (result, _) = exchange(conn, &mut server, get("/"), response).await;
             match result {
-                Err(SendError::Sent(H1Error::Malformed(_))) => {}
-                Err(SendError::Sent(e)) => panic!("{e}"),
+                Err(SendError::Sent(H1Error::Malformed(_), _)) => {}
+                Err(SendError::Sent(e, _)) => panic!("{e}"),
                 _ => panic!("accepted: {}", String::from_utf8_lossy(response)),
             }
         }
@@ -1270,7 +1277,7 @@ mod tests {
         let (result, ()) = tokio::join!(conn.send(get("/"), false), respond);
         assert!(matches!(
             result,
-            Err(SendError::Sent(H1Error::Malformed(_)))
+            Err(SendError::Sent(H1Error::Malformed(_), _))
         ));
     }
 
@@ -1433,7 +1440,7 @@ mod tests {
         let (result, rest) = tokio::join!(conn.send(req, false), server_side);
         assert!(matches!(
             result,
-            Err(SendError::Sent(H1Error::RequestBody(_)))
+            Err(SendError::Sent(H1Error::RequestBody(_), None))
         ));
         assert!(rest.is_empty(), "nothing past the length was written");
     }

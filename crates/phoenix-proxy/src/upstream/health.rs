@@ -24,7 +24,7 @@ use http::{header, Request};
 use http_body_util::BodyExt;
 use tokio_util::sync::CancellationToken;
 
-use super::endpoint::{Endpoint, Replay};
+use super::endpoint::Endpoint;
 use super::Service;
 use crate::config::HealthConfig;
 
@@ -199,10 +199,9 @@ async fn check(ep: &Arc<Endpoint>, cfg: &HealthConfig) -> Result<(), String> {
         Ok::<_, String>(req)
     };
     let req = request()?;
-    let replay = Replay::of(&req);
     let attempt = async {
         let response = ep
-            .send(req, false, false, Some(&replay))
+            .send(req, false, false, true)
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();

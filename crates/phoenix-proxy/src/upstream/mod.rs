@@ -46,7 +46,7 @@ use crate::body::{BoxError, UpstreamBody};
 use crate::config::{Problem, ServiceConfig};
 use crate::tls;
 use balance::Balancer;
-use endpoint::{AttemptError, Endpoint, Replay, TlsSettings};
+use endpoint::{AttemptError, Endpoint, TlsSettings};
 pub use h1::Upgraded;
 use health::Transition;
 pub use response::ResponseBody;
@@ -389,11 +389,10 @@ impl Service {
     ) -> Result<Upstreamed, UpstreamError> {
         let upgrade = req.headers().contains_key(header::UPGRADE);
         let h2_wanted = req.version() == Version::HTTP_2;
-        // Copy what is needed to send it again only when that may happen: idempotent, no body. Even
-        // with `retries = 0`: a dead keep-alive connection is not a server failure (see the module doc).
-        let replay =
-            (!upgrade && is_idempotent(req.method()) && http_body::Body::is_end_stream(req.body()))
-                .then(|| Replay::of(&req));
+        // May be sent again after it was written: idempotent, no body. Even with `retries = 0`: a
+        // dead keep-alive connection is not a server failure (see the module doc).
+        let replayable =
+            !upgrade && is_idempotent(req.method()) && http_body::Body::is_end_stream(req.body());
         let mut retries_left = self.config.retries;
         let mut tried: Vec<usize> = Vec::new();
         let mut req = req;
@@ -401,7 +400,7 @@ impl Service {
             let i = self.pick(&tried).ok_or(UpstreamError::NoHealthyServer)?;
             *last = Some(i);
             let ep = &self.endpoints[i];
-            let error = match ep.send(req, h2_wanted, upgrade, replay.as_ref()).await {
+            let error = match ep.send(req, h2_wanted, upgrade, replayable).await {
                 Ok(response) => {
                     if ep.health.request_succeeded() == Transition::Up {
                         tracing::info!(service = %ep.service, server = %ep.url, "upstream server answers again and is back in rotation");
@@ -434,8 +433,8 @@ impl Service {
                         source,
                     },
                 ),
-                AttemptError::Sent { source } => (
-                    replay.as_ref().map(Replay::build),
+                AttemptError::Sent { source, resend } => (
+                    resend,
                     UpstreamError::Protocol {
                         server: ep.url.clone(),
                         source,
