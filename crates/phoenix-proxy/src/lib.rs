@@ -9,6 +9,7 @@ pub mod config;
 pub mod forward;
 pub mod framing;
 mod gate;
+mod h1_server;
 pub mod metrics;
 pub mod middleware;
 pub mod proxy;

@@ -26,7 +26,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -166,12 +165,16 @@ impl Proxy {
     /// `ambiguous`: the framing scanner found this HTTP/1.1 request's framing ambiguous (see
     /// `framing`); it is answered 400 and the connection closed, and counted and logged like any
     /// other refusal.
-    pub(crate) async fn handle(
+    pub(crate) async fn handle<B>(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         conn: &Arc<ConnInfo>,
         ambiguous: Option<crate::framing::Ambiguity>,
-    ) -> Response<UpstreamBody> {
+    ) -> Response<UpstreamBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         let request_id = forward::ensure_request_id(req.headers_mut());
         let traced = crate::trace::begin(
@@ -447,9 +450,9 @@ impl Proxy {
     /// - a `Host` header that disagrees with HTTP/2 `:authority` (RFC 9113 section 8.3.1);
     /// - a request target longer than `max_uri_length` (414);
     /// - with `require_host_matches_sni`, a host other than the SNI name (421, RFC 9110 15.5.20).
-    fn check_request_target(
+    fn check_request_target<B>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         conn: &ConnInfo,
     ) -> Option<(StatusCode, &'static str)> {
         let uri = req.uri();
@@ -833,8 +836,8 @@ pub struct BodyTooLarge {
 /// cut while streaming instead of being buffered to be measured. It also notes when the client's
 /// body itself failed (`malformed`: a bad chunk size, a cut connection), so that the answer is a
 /// 400 for the client rather than a 502 blaming the upstream.
-struct LimitedBody {
-    inner: Incoming,
+struct LimitedBody<B> {
+    inner: B,
     remaining: u64,
     limit: Option<u64>,
     fault: Arc<BodyFault>,
@@ -850,8 +853,12 @@ struct BodyFault {
     malformed: AtomicBool,
 }
 
-impl LimitedBody {
-    fn new(inner: Incoming, limit: Option<u64>, fault: Arc<BodyFault>) -> Self {
+impl<B> LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn new(inner: B, limit: Option<u64>, fault: Arc<BodyFault>) -> Self {
         Self {
             inner,
             remaining: limit.unwrap_or(u64::MAX),
@@ -865,7 +872,11 @@ impl LimitedBody {
     }
 }
 
-impl Body for LimitedBody {
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 

@@ -48,8 +48,10 @@ use tracing::Instrument;
 use crate::config::ListenerLimits;
 use crate::framing::{FramingIo, Verdicts};
 use crate::gate::Gate;
+use crate::h1_server::{self, Prefixed, Served};
 use crate::proxy::{ConnInfo, Proxy};
 use crate::tls;
+use bytes::BytesMut;
 
 type Builder = auto::Builder<TokioExecutor>;
 
@@ -388,7 +390,8 @@ async fn connection(
             force.clone(),
             tracker,
         );
-        serve_http(proxy, builder, stream, info, shutdown, force).await;
+        // Plaintext: HTTP/2 with prior knowledge is possible, and only hyper tells.
+        serve_http(proxy, builder, stream, info, shutdown, force, false).await;
         return;
     };
     let handshake = tokio::select! {
@@ -416,6 +419,7 @@ async fn connection(
         let _ = stream.shutdown().await;
         return;
     }
+    let h1 = session.alpn_protocol() != Some(b"h2");
     let tls_version = session.protocol_version().map(version_name);
     let sni = session
         .server_name()
@@ -439,7 +443,7 @@ async fn connection(
         force.clone(),
         tracker,
     );
-    serve_http(proxy, builder, stream, info, shutdown, force).await;
+    serve_http(proxy, builder, stream, info, shutdown, force, h1).await;
 }
 
 #[allow(clippy::too_many_arguments)] // plain data for one struct literal
@@ -512,6 +516,7 @@ async fn serve_http<I>(
     info: Arc<ConnInfo>,
     shutdown: CancellationToken,
     force: CancellationToken,
+    h1: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -523,7 +528,27 @@ async fn serve_http<I>(
     // follows heads up to twice the limit, so that it never stops on a head hyper accepts.
     let verdicts = Arc::new(Verdicts::new(Instant::now()));
     let max_head = 2 * read_buffer_size(&proxy.settings.limits);
-    let io = TokioIo::new(FramingIo::new(stream, max_head, verdicts.clone()));
+    let io = FramingIo::new(stream, max_head, verdicts.clone());
+    // HTTP/1.1 connections start on Phoenix's own server, which hands what it does not take to
+    // hyper (see `h1_server`).
+    let io = if h1 {
+        let limits = &proxy.settings.limits;
+        let h1_limits = h1_server::Limits {
+            max_head: read_buffer_size(limits),
+            max_headers: limits.max_headers,
+            header_read_timeout,
+            idle_timeout,
+        };
+        let served =
+            h1_server::serve(&proxy, &info, io, &verdicts, &h1_limits, &shutdown, &force).await;
+        match served {
+            Served::Closed => return,
+            Served::Handover(io, read) => Prefixed::new(read, io),
+        }
+    } else {
+        Prefixed::new(BytesMut::new(), io)
+    };
+    let io = TokioIo::new(io);
     let service = {
         let info = info.clone();
         let verdicts = verdicts.clone();

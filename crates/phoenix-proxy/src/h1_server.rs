@@ -1,0 +1,685 @@
+//! HTTP/1.1 from clients: Phoenix's own server for the common request, hyper's for the rest.
+//!
+//! hyper's server is most of what a proxied request costs in each hop once the upstream side is
+//! Phoenix's own (`upstream::h1`): its dispatcher, its buffers and the channel that carries the
+//! request body. Nearly every request a proxy sees is a plain one: HTTP/1.1, a head, and either no
+//! body or a short one that came with the head. This module serves those on the connection's own
+//! task: it parses the head with httparse into a request whose header values share the read buffer,
+//! hands it to `Proxy::handle`, and writes the response, its head and each body frame as one write.
+//!
+//! Everything else goes to hyper, at a request boundary and with the bytes already read
+//! ([`Served::Handover`]): a head that does not parse or is too long (hyper answers 400 or 431 as
+//! before), HTTP/1.0, `Transfer-Encoding`, `Expect`, `Upgrade`, more than one `Content-Length`, a
+//! body that is not all in the buffer yet. From there hyper serves the rest of the connection, so
+//! a connection is never served by both at once, and every refusal keeps hyper's wording.
+//!
+//! The connection's time limits are the same as under hyper (`server::serve_http`): the idle
+//! timeout between requests, the header-read timeout from a head's first byte (or the end of the
+//! previous exchange, whichever is later), no answer when either passes. While a request is in
+//! flight the socket is still read, so that a client that leaves cancels its upstream request, as
+//! it does under hyper; bytes of a pipelined request wait in the buffer.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame};
+use http_body_util::Full;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::UpstreamBody;
+use crate::forward::list_elements;
+use crate::framing::Verdicts;
+use crate::gate::Gate;
+use crate::proxy::{ConnInfo, Proxy};
+use crate::upstream::{push_decimal, push_hex};
+
+/// What one read of the socket asks for at least.
+const READ_SIZE: usize = 8 * 1024;
+
+/// How a connection left this server.
+pub(crate) enum Served<I> {
+    /// It is over: closed by either side, timed out, shut down.
+    Closed,
+    /// A request this server does not take: hyper serves the connection from here on, starting with
+    /// these bytes, none of which was consumed.
+    Handover(I, BytesMut),
+}
+
+/// The limits of the listener that matter here.
+pub(crate) struct Limits {
+    /// Longest head taken here; a longer one goes to hyper, which refuses it.
+    pub(crate) max_head: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+}
+
+/// A request head this server takes, parsed; its fields are in the connection's `spans`.
+struct Head {
+    /// Bytes of the head, and of the body after it.
+    len: usize,
+    body: usize,
+    method: Method,
+    target: std::ops::Range<usize>,
+    /// The client asked to close after this exchange.
+    close: bool,
+    /// The client accepts trailers (`TE: trailers`).
+    trailers: bool,
+}
+
+/// What became of the head at the start of the buffer.
+enum Parsed {
+    Complete(Head),
+    Partial,
+    /// Not for this server (see the module documentation).
+    Hyper,
+}
+
+/// Serves `io` until it closes or needs hyper. `read` holds bytes already read from it.
+pub(crate) async fn serve<I>(
+    proxy: &Arc<Proxy>,
+    info: &Arc<ConnInfo>,
+    io: I,
+    verdicts: &Verdicts,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+) -> Served<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Conn {
+        io,
+        read: BytesMut::new(),
+        write: Vec::new(),
+        written: 0,
+    };
+    let gate = Gate::new();
+    let mut shutdown = pin!(shutdown.cancelled());
+    let mut force = pin!(force.cancelled());
+    let mut timer = pin!(tokio::time::sleep_until(Instant::now().into()));
+    let mut draining = false;
+    let mut spans = Vec::new();
+    loop {
+        // The head: the idle timeout until its first byte, then the header-read timeout.
+        let mut began = !conn.read.is_empty();
+        let limit = match began {
+            true => limits.header_read_timeout,
+            false => limits.idle_timeout,
+        };
+        timer.as_mut().reset((Instant::now() + limit).into());
+        gate.open();
+        let head = loop {
+            if !conn.read.is_empty() {
+                match parse(&conn.read, limits, &mut spans) {
+                    Parsed::Complete(head) if head.len <= limits.max_head => break head,
+                    Parsed::Partial if conn.read.len() <= limits.max_head => {}
+                    // Too long, or not for this server: hyper answers as it always did.
+                    _ => return Served::Handover(conn.io, conn.read),
+                }
+            }
+            let event = poll_fn(|cx| {
+                if let Poll::Ready(read) = conn.poll_fill(cx) {
+                    return Poll::Ready(Waiting::Read(read));
+                }
+                gate.poll(cx, |cx| {
+                    if !draining && shutdown.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Waiting::Shutdown);
+                    }
+                    if force.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Waiting::Force);
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Waiting::Timer);
+                    }
+                    Poll::Pending
+                })
+            })
+            .await;
+            match event {
+                Waiting::Read(Ok(0) | Err(_)) | Waiting::Force | Waiting::Timer => {
+                    return Served::Closed
+                }
+                Waiting::Read(Ok(_)) => {
+                    if !began {
+                        began = true;
+                        let deadline = Instant::now() + limits.header_read_timeout;
+                        timer.as_mut().reset(deadline.into());
+                        gate.open();
+                    }
+                }
+                Waiting::Shutdown => {
+                    draining = true;
+                    if conn.read.is_empty() {
+                        return Served::Closed;
+                    }
+                }
+            }
+        };
+
+        // The request, with its body (all of it is in the buffer).
+        let bytes = conn.read.split_to(head.len).freeze();
+        let Some(request) = request(&bytes, &head, &spans) else {
+            // A field or target the http types refuse: hyper answers it, from its first byte.
+            let mut read = BytesMut::from(&bytes[..]);
+            read.extend_from_slice(&conn.read);
+            return Served::Handover(conn.io, read);
+        };
+        let body = Full::new(conn.read.split_to(head.body).freeze());
+        let head_request = head.method == Method::HEAD;
+        let refused = verdicts.next_request();
+        let mut handling = pin!(proxy.handle(request.map(|()| body), info, refused));
+        // A shutdown while the request is in flight lets it finish, then closes.
+        let response = loop {
+            let event = poll_fn(|cx| {
+                if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                    return Poll::Ready(InFlight::Answered(response));
+                }
+                if conn.watch(cx).is_ready() {
+                    return Poll::Ready(InFlight::Left);
+                }
+                gate.poll(cx, |cx| {
+                    if !draining && shutdown.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(InFlight::Shutdown);
+                    }
+                    if force.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(InFlight::Force);
+                    }
+                    Poll::Pending
+                })
+            })
+            .await;
+            match event {
+                InFlight::Answered(response) => break response,
+                InFlight::Shutdown => draining = true,
+                InFlight::Left | InFlight::Force => return Served::Closed,
+            }
+        };
+        let close = head.close
+            || draining
+            || response
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| has_token(v, "close"));
+        let written = conn
+            .write_response(
+                response,
+                head_request,
+                close,
+                head.trailers,
+                &gate,
+                &mut force,
+            )
+            .await;
+        if !matches!(written, Ok(true)) || close {
+            // A close after an answer tells the client; one after a failure is cut short.
+            if written.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.io.shutdown()).await;
+            }
+            return Served::Closed;
+        }
+    }
+}
+
+/// What woke a connection waiting for a request head.
+enum Waiting {
+    Read(io::Result<usize>),
+    Shutdown,
+    Force,
+    Timer,
+}
+
+/// What woke a connection whose request is in flight.
+enum InFlight {
+    Answered(Response<UpstreamBody>),
+    /// The client closed its side (or the connection failed).
+    Left,
+    Shutdown,
+    Force,
+}
+
+/// Whether a list header's value holds `token`.
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    list_elements([value]).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Parses the head at the start of `read`, and decides whether this server takes it.
+fn parse(read: &BytesMut, limits: &Limits, spans: &mut Vec<[usize; 4]>) -> Parsed {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let fields = &mut fields[..limits.max_headers.min(128)];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(read, fields) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Hyper,
+    };
+    if parsed.version != Some(1) {
+        return Parsed::Hyper;
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Parsed::Hyper;
+    };
+    if !target.starts_with('/') {
+        return Parsed::Hyper;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Hyper;
+    };
+    let base = read.as_ptr() as usize;
+    let target_at = target.as_ptr() as usize - base;
+    let target_span = target_at..target_at + target.len();
+    let mut body = 0;
+    let mut lengths = 0;
+    let mut close = false;
+    let mut trailers = false;
+    spans.clear();
+    for field in parsed.headers.iter() {
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            match parse_length(field.value) {
+                Some(n) if lengths == 1 => body = n,
+                _ => return Parsed::Hyper,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Parsed::Hyper;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= tokens(field.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case(b"te") {
+            trailers |= tokens(field.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+        }
+        let name_at = field.name.as_ptr() as usize - base;
+        let value_at = field.value.as_ptr() as usize - base;
+        spans.push([
+            name_at,
+            name_at + field.name.len(),
+            value_at,
+            value_at + field.value.len(),
+        ]);
+    }
+    if read.len() - len < body {
+        return Parsed::Hyper;
+    }
+    Parsed::Complete(Head {
+        len,
+        body,
+        method,
+        target: target_span,
+        close,
+        trailers,
+    })
+}
+
+/// The request of `head`, whose bytes are `bytes`: the target and the field values share them.
+fn request(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<Request<()>> {
+    let uri = Uri::from_maybe_shared(bytes.slice(head.target.clone())).ok()?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = HeaderName::from_bytes(&bytes[name_start..name_end]).ok()?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end)).ok()?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some(request)
+}
+
+/// The comma-separated elements of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// A `Content-Length` this server takes: digits only, at most 15 of them.
+fn parse_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 15 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        value
+            .iter()
+            .fold(0usize, |n, &d| n * 10 + usize::from(d - b'0')),
+    )
+}
+
+struct Conn<I> {
+    io: I,
+    read: BytesMut,
+    /// Bytes to write, from `written` on.
+    write: Vec<u8>,
+    written: usize,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_SIZE / 4 {
+            self.read.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
+    /// Reads while a request is in flight: ready when the client closed its side (or the
+    /// connection failed). What a client pipelines meanwhile waits in the buffer, up to a bound.
+    fn watch(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.read.len() < READ_SIZE {
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => break,
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Writes out what is buffered, then flushes.
+    fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.write.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.write.clear();
+        self.written = 0;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Writes `response`; true when the connection can carry another exchange.
+    async fn write_response(
+        &mut self,
+        response: Response<UpstreamBody>,
+        head_request: bool,
+        close: bool,
+        trailers: bool,
+        gate: &Gate,
+        force: &mut Pin<&mut impl Future<Output = ()>>,
+    ) -> io::Result<bool> {
+        let (parts, body) = response.into_parts();
+        let mut framing = encode_head(&mut self.write, &parts, &body, head_request, close);
+        let mut body = pin!(body);
+        if framing == Framing::None {
+            // HEAD, 204, 304: the body is not sent, whatever it holds.
+            return poll_fn(|cx| self.poll_flush_out(cx)).await.map(|()| true);
+        }
+        let ended = poll_fn(|cx| loop {
+            ready!(self.poll_flush_out(cx))?;
+            if framing == Framing::Ended {
+                return Poll::Ready(Ok(true));
+            }
+            match body.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if !encode_frame(&mut self.write, &mut framing, frame, trailers) {
+                        // More than the declared length: the client cannot tell where it ends.
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+                Poll::Ready(None) => {
+                    let complete = encode_end(&mut self.write, &mut framing);
+                    if !complete {
+                        // Less than the declared length: the client waits for the rest.
+                        ready!(self.poll_flush_out(cx))?;
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+                // The upstream failed mid-body: cut the connection, the client sees the end.
+                Poll::Ready(Some(Err(_))) => return Poll::Ready(Ok(false)),
+                Poll::Pending => {
+                    // Streamed bodies (SSE, tokens) go out frame by frame, flushed above; while
+                    // the next frame is awaited, a client that leaves or a forced close ends it.
+                    if self.watch(cx).is_ready() {
+                        return Poll::Ready(Ok(false));
+                    }
+                    let forced = gate.poll(cx, |cx| force.as_mut().poll(cx));
+                    if forced.is_ready() {
+                        return Poll::Ready(Ok(false));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await;
+        ended
+    }
+}
+
+/// How the response body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304).
+    None,
+    /// `Content-Length`: the bytes still to send.
+    Length(u64),
+    Chunked,
+    /// The body was sent whole.
+    Ended,
+}
+
+/// Writes the response head; the body's framing.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    body: &UpstreamBody,
+    head_request: bool,
+    close: bool,
+) -> Framing {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut declared = None;
+    let mut closing = false;
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            match parse_length(value.as_bytes()) {
+                Some(n) if declared.is_none() => declared = Some(n as u64),
+                // A length that is not one number is not passed on; the body is chunked instead.
+                _ => continue,
+            }
+        }
+        if name == header::CONNECTION {
+            closing |= has_token(value, "close");
+        }
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        date::with(|date| push_field(out, b"date", date));
+    }
+    let framing = if no_body {
+        Framing::None
+    } else if let Some(n) = declared {
+        Framing::Length(n)
+    } else if let Some(n) = body
+        .is_end_stream()
+        .then_some(0)
+        .or(body.size_hint().exact())
+    {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if close && !closing {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Adds one body frame; false when it does not fit the declared length.
+fn encode_frame(
+    out: &mut Vec<u8>,
+    framing: &mut Framing,
+    frame: Frame<Bytes>,
+    trailers: bool,
+) -> bool {
+    match frame.into_data() {
+        Ok(data) => match framing {
+            Framing::Length(left) => {
+                if data.len() as u64 > *left {
+                    return false;
+                }
+                *left -= data.len() as u64;
+                out.extend_from_slice(&data);
+                true
+            }
+            Framing::Chunked => {
+                if !data.is_empty() {
+                    push_hex(out, data.len() as u64);
+                    out.extend_from_slice(b"\r\n");
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                }
+                true
+            }
+            Framing::None | Framing::Ended => true,
+        },
+        Err(frame) => {
+            // Trailers end a chunked body, for a client that said it takes them.
+            if let (Ok(fields), Framing::Chunked) = (frame.into_trailers(), *framing) {
+                out.extend_from_slice(b"0\r\n");
+                if trailers {
+                    for (name, value) in &fields {
+                        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+                    }
+                }
+                out.extend_from_slice(b"\r\n");
+                *framing = Framing::Ended;
+            }
+            true
+        }
+    }
+}
+
+/// Ends the body; false when it fell short of its declared length.
+fn encode_end(out: &mut Vec<u8>, framing: &mut Framing) -> bool {
+    let complete = match *framing {
+        Framing::Chunked => {
+            out.extend_from_slice(b"0\r\n\r\n");
+            true
+        }
+        Framing::Length(left) => left == 0,
+        Framing::None | Framing::Ended => true,
+    };
+    *framing = Framing::Ended;
+    complete
+}
+
+/// The `Date` header, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::SystemTime;
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+
+    pub(super) fn with<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second || cached.1.is_empty() {
+                *cached = (second, httpdate::fmt_http_date(now));
+            }
+            f(cached.1.as_bytes())
+        })
+    }
+}
+
+/// A connection handed to hyper: the bytes this server read first, then the socket.
+pub(crate) struct Prefixed<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I> Prefixed<I> {
+    pub(crate) fn new(read: BytesMut, io: I) -> Prefixed<I> {
+        Prefixed {
+            read: read.freeze(),
+            io,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
