@@ -44,6 +44,8 @@ use crate::upstream::{push_decimal, push_hex};
 
 /// What one read of the socket asks for at least.
 const READ_SIZE: usize = 8 * 1024;
+/// Response bytes gathered before they are written (one TLS record holds 16 KiB).
+const WRITE_BATCH: usize = 16 * 1024;
 
 /// How a connection left this server.
 pub(crate) enum Served<I> {
@@ -326,7 +328,9 @@ fn parse(read: &BytesMut, limits: &Limits, spans: &mut Vec<[usize; 4]>) -> Parse
 /// The request of `head`, whose bytes are `bytes`: the target and the field values share them.
 fn request(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<Request<()>> {
     let uri = Uri::from_maybe_shared(bytes.slice(head.target.clone())).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the fields the proxy adds (`X-Forwarded-*`, `Forwarded`, `X-Request-Id`, trace
+    // context) without growing the map mid-request.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
     for &[name_start, name_end, value_start, value_end] in spans {
         let name = HeaderName::from_bytes(&bytes[name_start..name_end]).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end)).ok()?;
@@ -417,44 +421,47 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             // HEAD, 204, 304: the body is not sent, whatever it holds.
             return poll_fn(|cx| self.poll_flush_out(cx)).await.map(|()| true);
         }
-        let ended = poll_fn(|cx| loop {
+        // False once the body broke its framing: the connection cannot go on.
+        let mut whole = true;
+        poll_fn(|cx| loop {
+            // Frames that are ready go out with the head (and with each other) in one write.
+            if framing != Framing::Ended && self.write.len() < WRITE_BATCH {
+                match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if !encode_frame(&mut self.write, &mut framing, frame, trailers) {
+                            // More than the declared length: the client cannot tell where it ends.
+                            return Poll::Ready(Ok(false));
+                        }
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        // Less than the declared length: what came is sent, then the connection
+                        // ends, and the client sees the body cut short.
+                        whole = encode_end(&mut self.write, &mut framing);
+                        continue;
+                    }
+                    // The upstream failed mid-body: cut the connection, the client sees the end.
+                    Poll::Ready(Some(Err(_))) => return Poll::Ready(Ok(false)),
+                    Poll::Pending => {
+                        // Streamed bodies (SSE, tokens) go out frame by frame; while the next
+                        // frame is awaited, a client that leaves or a forced close ends it.
+                        ready!(self.poll_flush_out(cx))?;
+                        if self.watch(cx).is_ready() {
+                            return Poll::Ready(Ok(false));
+                        }
+                        if gate.poll(cx, |cx| force.as_mut().poll(cx)).is_ready() {
+                            return Poll::Ready(Ok(false));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
             ready!(self.poll_flush_out(cx))?;
             if framing == Framing::Ended {
-                return Poll::Ready(Ok(true));
-            }
-            match body.as_mut().poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if !encode_frame(&mut self.write, &mut framing, frame, trailers) {
-                        // More than the declared length: the client cannot tell where it ends.
-                        return Poll::Ready(Ok(false));
-                    }
-                }
-                Poll::Ready(None) => {
-                    let complete = encode_end(&mut self.write, &mut framing);
-                    if !complete {
-                        // Less than the declared length: the client waits for the rest.
-                        ready!(self.poll_flush_out(cx))?;
-                        return Poll::Ready(Ok(false));
-                    }
-                }
-                // The upstream failed mid-body: cut the connection, the client sees the end.
-                Poll::Ready(Some(Err(_))) => return Poll::Ready(Ok(false)),
-                Poll::Pending => {
-                    // Streamed bodies (SSE, tokens) go out frame by frame, flushed above; while
-                    // the next frame is awaited, a client that leaves or a forced close ends it.
-                    if self.watch(cx).is_ready() {
-                        return Poll::Ready(Ok(false));
-                    }
-                    let forced = gate.poll(cx, |cx| force.as_mut().poll(cx));
-                    if forced.is_ready() {
-                        return Poll::Ready(Ok(false));
-                    }
-                    return Poll::Pending;
-                }
+                return Poll::Ready(Ok(whole));
             }
         })
-        .await;
-        ended
+        .await
     }
 }
 
