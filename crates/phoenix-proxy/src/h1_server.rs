@@ -32,7 +32,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame};
 use http_body_util::Full;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::UpstreamBody;
@@ -148,6 +148,12 @@ where
             })
             .await;
             match event {
+                // Idle past the idle timeout: closed as a server does, with TLS close_notify.
+                Waiting::Timer if !began => {
+                    conn.close().await;
+                    return Served::Closed;
+                }
+                // A head not complete within the header-read timeout: cut, with no answer.
                 Waiting::Read(Ok(0) | Err(_)) | Waiting::Force | Waiting::Timer => {
                     return Served::Closed
                 }
@@ -162,6 +168,7 @@ where
                 Waiting::Shutdown => {
                     draining = true;
                     if conn.read.is_empty() {
+                        conn.close().await;
                         return Served::Closed;
                     }
                 }
@@ -226,7 +233,7 @@ where
         if !matches!(written, Ok(true)) || close {
             // A close after an answer tells the client; one after a failure is cut short.
             if written.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.io.shutdown()).await;
+                conn.close().await;
             }
             return Served::Closed;
         }
@@ -375,6 +382,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             self.read.reserve(READ_SIZE);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
+    /// Closes the connection as a server does (TLS close_notify), without waiting long for a
+    /// client that does not read.
+    async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
     }
 
     /// Reads while a request is in flight: ready when the client closed its side (or the
@@ -627,66 +640,5 @@ mod date {
             }
             f(cached.1.as_bytes())
         })
-    }
-}
-
-/// A connection handed to hyper: the bytes this server read first, then the socket.
-pub(crate) struct Prefixed<I> {
-    read: Bytes,
-    io: I,
-}
-
-impl<I> Prefixed<I> {
-    pub(crate) fn new(read: BytesMut, io: I) -> Prefixed<I> {
-        Prefixed {
-            read: read.freeze(),
-            io,
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read.is_empty() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

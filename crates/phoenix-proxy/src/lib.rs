@@ -12,6 +12,7 @@ mod gate;
 mod h1_server;
 pub mod metrics;
 pub mod middleware;
+pub mod prefixed;
 pub mod proxy;
 pub mod redirect;
 pub mod router;

@@ -6,8 +6,11 @@
 //! and retried with a growing pause, so a full descriptor table does not become a busy loop.
 //!
 //! Each connection runs in its own task under a tracing span with both addresses: TLS handshake
-//! (bounded by the header-read timeout), the mTLS allow-list check, then hyper-util's automatic
-//! HTTP/1.1 + HTTP/2 server with upgrades. Between the stream and hyper sits `framing::FramingIo`,
+//! (bounded by the header-read timeout), the mTLS allow-list check, then, on a TLS connection that is
+//! not HTTP/2, Phoenix's own server for plain HTTP/1.1 requests (`h1_server`), which hands the
+//! connection to hyper-util's automatic HTTP/1.1 + HTTP/2 server with upgrades at the first request
+//! it does not take; HTTP/2 and plaintext connections go to hyper at once. Between the stream and
+//! both servers sits `framing::FramingIo`,
 //! which follows HTTP/1.1 message boundaries so that a request with ambiguous framing (Content-Length
 //! with Transfer-Encoding, a repeated Content-Length) is answered 400 and the connection closed,
 //! where hyper would have normalised it. Limits: largest request head, number of header fields,
@@ -48,7 +51,8 @@ use tracing::Instrument;
 use crate::config::ListenerLimits;
 use crate::framing::{FramingIo, Verdicts};
 use crate::gate::Gate;
-use crate::h1_server::{self, Prefixed, Served};
+use crate::h1_server::{self, Served};
+use crate::prefixed::Prefixed;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::tls;
 use bytes::BytesMut;

@@ -63,7 +63,7 @@ const READ_SIZE: usize = 16 * 1024;
 const COPY_LIMIT: usize = 8 * 1024;
 
 /// The socket under an upstream HTTP/1.1 connection.
-pub(crate) enum UpstreamIo {
+pub enum UpstreamIo {
     Tcp(TcpStream),
     /// Boxed: a TLS stream is large, and connections move in and out of the idle pool.
     Tls(Box<TlsStream<TcpStream>>),
@@ -817,10 +817,8 @@ impl H1Body {
 
     /// The socket of a `101 Switching Protocols` response, with what was read past its head.
     pub(crate) fn into_upgraded(self) -> Option<Upgraded> {
-        (self.decoder == Decoder::Upgrade).then(|| Upgraded {
-            pending: self.conn.read.freeze(),
-            io: self.conn.io,
-        })
+        (self.decoder == Decoder::Upgrade)
+            .then(|| crate::prefixed::Prefixed::new(self.conn.read, self.conn.io))
     }
 }
 
@@ -860,46 +858,9 @@ fn chunk_size(read: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
     Ok(Some((lf + 1, size)))
 }
 
-/// The upstream side of a switched-protocol connection (WebSocket).
-pub struct Upgraded {
-    /// Read past the 101's head: the first bytes of the new protocol.
-    pending: Bytes,
-    io: UpstreamIo,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(buf.remaining());
-            buf.put_slice(&this.pending.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+/// The upstream side of a switched-protocol connection (WebSocket): the bytes read past the 101's
+/// head, then the socket.
+pub type Upgraded = crate::prefixed::Prefixed<UpstreamIo>;
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(
