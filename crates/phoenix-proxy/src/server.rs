@@ -543,8 +543,12 @@ async fn serve_http<I>(
             header_read_timeout,
             idle_timeout,
         };
-        let served =
-            h1_server::serve(&proxy, &info, io, &verdicts, &h1_limits, &shutdown, &force).await;
+        // Boxed, like hyper's connection below: each is several KB, and a connection task that
+        // held both inline would carry the one it does not use.
+        let served = Box::pin(h1_server::serve(
+            &proxy, &info, io, &verdicts, &h1_limits, &shutdown, &force,
+        ))
+        .await;
         match served {
             Served::Closed => return,
             Served::Handover(io, read) => Prefixed::new(read, io),
@@ -583,8 +587,9 @@ async fn serve_http<I>(
             }
         })
     };
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    // Boxed: inline, hyper's connection state (several KB) would be part of every connection's
+    // task, those that `h1_server` serves to the end and the idle ones included.
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
     // Shutdown, forced close, a head that began and the timer are polled only when one of them was
     // woken, not on every wake-up of the connection (see `gate`).
     let gate = Gate::new();
