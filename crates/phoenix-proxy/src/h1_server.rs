@@ -189,49 +189,57 @@ where
         // Boxed, as hyper boxes it: inline, the request's future (several KB) would be part of
         // every connection, the idle ones included.
         let mut handling = Box::pin(proxy.handle(request.map(|()| body), info, refused));
-        // A shutdown while the request is in flight lets it finish, then closes.
-        let response = loop {
-            let event = poll_fn(|cx| {
-                if let Poll::Ready(response) = handling.as_mut().poll(cx) {
-                    return Poll::Ready(InFlight::Answered(response));
-                }
-                if conn.watch(cx).is_ready() {
-                    return Poll::Ready(InFlight::Left);
-                }
-                gate.poll(cx, |cx| {
-                    if !draining && shutdown.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(InFlight::Shutdown);
+        // The exchange's state is an allocation of its own, like the request's future: an idle
+        // connection holds only what waiting for a head needs.
+        let exchange = Box::pin(async {
+            // A shutdown while the request is in flight lets it finish, then closes.
+            let response = loop {
+                let event = poll_fn(|cx| {
+                    if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                        return Poll::Ready(InFlight::Answered(response));
                     }
-                    if force.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(InFlight::Force);
+                    if conn.watch(cx).is_ready() {
+                        return Poll::Ready(InFlight::Left);
                     }
-                    Poll::Pending
+                    gate.poll(cx, |cx| {
+                        if !draining && shutdown.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(InFlight::Shutdown);
+                        }
+                        if force.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(InFlight::Force);
+                        }
+                        Poll::Pending
+                    })
                 })
-            })
-            .await;
-            match event {
-                InFlight::Answered(response) => break response,
-                InFlight::Shutdown => draining = true,
-                InFlight::Left | InFlight::Force => return Served::Closed,
-            }
+                .await;
+                match event {
+                    InFlight::Answered(response) => break response,
+                    InFlight::Shutdown => draining = true,
+                    InFlight::Left | InFlight::Force => return None,
+                }
+            };
+            let close = head.close
+                || draining
+                || response
+                    .headers()
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .any(|v| has_token(v, "close"));
+            let written = conn
+                .write_response(
+                    response,
+                    head_request,
+                    close,
+                    head.trailers,
+                    &gate,
+                    &mut force,
+                )
+                .await;
+            Some((written, close))
+        });
+        let Some((written, close)) = exchange.await else {
+            return Served::Closed;
         };
-        let close = head.close
-            || draining
-            || response
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| has_token(v, "close"));
-        let written = conn
-            .write_response(
-                response,
-                head_request,
-                close,
-                head.trailers,
-                &gate,
-                &mut force,
-            )
-            .await;
         if !matches!(written, Ok(true)) || close {
             // A close after an answer tells the client; one after a failure is cut short.
             if written.is_ok() {
