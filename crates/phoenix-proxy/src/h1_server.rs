@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame};
 use http_body_util::Full;
@@ -40,7 +40,7 @@ use crate::forward::list_elements;
 use crate::framing::Verdicts;
 use crate::gate::Gate;
 use crate::proxy::{ConnInfo, Proxy};
-use crate::upstream::{push_decimal, push_hex};
+use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// What one read of the socket asks for at least.
 const READ_SIZE: usize = 8 * 1024;
@@ -294,8 +294,7 @@ fn parse(read: &BytesMut, limits: &Limits, spans: &mut Vec<[usize; 4]>) -> Parse
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Hyper;
     };
-    let base = read.as_ptr() as usize;
-    let target_at = target.as_ptr() as usize - base;
+    let target_at = target.as_ptr() as usize - read.as_ptr() as usize;
     let target_span = target_at..target_at + target.len();
     let mut body = 0;
     let mut lengths = 0;
@@ -320,14 +319,7 @@ fn parse(read: &BytesMut, limits: &Limits, spans: &mut Vec<[usize; 4]>) -> Parse
         } else if name.eq_ignore_ascii_case(b"te") {
             trailers |= tokens(field.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
         }
-        let name_at = field.name.as_ptr() as usize - base;
-        let value_at = field.value.as_ptr() as usize - base;
-        spans.push([
-            name_at,
-            name_at + field.name.len(),
-            value_at,
-            value_at + field.value.len(),
-        ]);
+        spans.push(span(read, field));
     }
     if read.len() - len < body {
         return Parsed::Hyper;
@@ -347,12 +339,7 @@ fn request(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<Request<(
     let uri = Uri::from_maybe_shared(bytes.slice(head.target.clone())).ok()?;
     // Room for the fields the proxy adds (`X-Forwarded-*`, `Forwarded`, `X-Request-Id`, trace
     // context) without growing the map mid-request.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
-    for &[name_start, name_end, value_start, value_end] in spans {
-        let name = HeaderName::from_bytes(&bytes[name_start..name_end]).ok()?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value_start..value_end)).ok()?;
-        headers.append(name, value);
-    }
+    let headers = fields(bytes, spans, 8)?;
     let mut request = Request::new(());
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = uri;
@@ -366,16 +353,9 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-/// A `Content-Length` this server takes: digits only, at most 15 of them.
+/// A `Content-Length` this server takes: digits only, at most 15 of them (no list: hyper's).
 fn parse_length(value: &[u8]) -> Option<usize> {
-    if value.is_empty() || value.len() > 15 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        value
-            .iter()
-            .fold(0usize, |n, &d| n * 10 + usize::from(d - b'0')),
-    )
+    decimal(value, 15).map(|n| n as usize)
 }
 
 struct Conn<I> {
@@ -571,13 +551,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Adds one body frame; false when it does not fit the declared length.

@@ -23,4 +23,5 @@ pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod whoami;
+mod wire;
 pub mod workers;

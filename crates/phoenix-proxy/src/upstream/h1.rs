@@ -45,6 +45,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::body::{BoxError, UpstreamBody};
 use crate::forward::list_elements;
+use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// Largest response head accepted from a server.
 pub(crate) const MAX_HEAD: usize = 128 * 1024;
@@ -443,7 +444,7 @@ fn encode_head(req: &Request<UpstreamBody>, out: &mut Vec<u8>) -> Result<Option<
         if name == header::TRANSFER_ENCODING {
             continue;
         }
-        push_field(out, name, value);
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(n) = framing {
         out.extend_from_slice(b"content-length: ");
@@ -457,45 +458,10 @@ fn encode_head(req: &Request<UpstreamBody>, out: &mut Vec<u8>) -> Result<Option<
     Ok(encoder)
 }
 
-fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
 fn push_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        push_field(out, name, value);
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-}
-
-pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-pub(crate) fn push_hex(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 16];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b"0123456789abcdef"[(n & 0xf) as usize];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// A `Content-Length` value: digits only (a list of equal values, which RFC 9110 8.6 lets a
@@ -503,11 +469,7 @@ pub(crate) fn push_hex(out: &mut Vec<u8>, mut n: u64) {
 fn parse_length(value: &[u8]) -> Option<u64> {
     let mut found: Option<u64> = None;
     for item in value.split(|&b| b == b',') {
-        let item = item.trim_ascii();
-        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        let n = decimal(item.trim_ascii(), 19)?;
         match found {
             Some(m) if m != n => return None,
             _ => found = Some(n),
@@ -539,12 +501,12 @@ fn parse_head(
     upgrade: bool,
 ) -> Result<Option<(Response<()>, Decoder)>, H1Error> {
     // Uninitialised: a zeroed array of 100 fields would cost more than parsing a short head.
-    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
     let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut parsed,
         read,
-        &mut fields,
+        &mut slots,
     );
     let len = match parsing {
         Ok(httparse::Status::Complete(len)) => len,
@@ -563,27 +525,10 @@ fn parse_head(
         _ => Version::HTTP_11,
     };
     // Where each field is in the buffer, so that the values can share it once it is frozen.
-    let base = read.as_ptr() as usize;
     spans.clear();
-    spans.extend(parsed.headers.iter().map(|field| {
-        let name = field.name.as_ptr() as usize - base;
-        let value = field.value.as_ptr() as usize - base;
-        [
-            name,
-            name + field.name.len(),
-            value,
-            value + field.value.len(),
-        ]
-    }));
+    spans.extend(parsed.headers.iter().map(|field| span(read, field)));
     let head = read.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for &[name_start, name_end, value_start, value_end] in spans.iter() {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
-            .map_err(|_| H1Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| H1Error::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let headers = fields(&head, spans, 0).ok_or(H1Error::Malformed("invalid header field"))?;
     let decoder = framing(status, head_request, upgrade, &headers)?;
     let mut response = Response::new(());
     *response.status_mut() = status;

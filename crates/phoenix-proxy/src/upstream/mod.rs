@@ -48,7 +48,6 @@ use crate::tls;
 use balance::Balancer;
 use endpoint::{AttemptError, Endpoint, TlsSettings};
 pub use h1::Upgraded;
-pub(crate) use h1::{push_decimal, push_hex};
 use health::Transition;
 pub use response::ResponseBody;
 
