@@ -16,7 +16,7 @@ use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr};
 
 use bytes::Bytes;
-use http::header::{self, GetAll, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// `X-Forwarded-For`.
@@ -188,40 +188,71 @@ pub struct ForwardInfo<'a> {
 /// peer, the chain is extended and the original proto/host are kept; from anyone else, whatever the
 /// client sent is discarded and replaced by what this hop saw.
 pub fn set_forwarded(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    let peer = canonical(info.peer);
-    let peer_text = IpText::new(peer);
-
-    let previous = if info.peer_trusted {
-        PreviousList::of(headers, &X_FORWARDED_FOR)
-    } else {
-        None
-    };
-    let xff = extend_list(previous, peer_text.len(), |out| {
-        out.extend_from_slice(peer_text.as_bytes())
-    });
-    set_value(headers, &X_FORWARDED_FOR, xff);
-
-    if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+    let lists = ForwardedLists::new(
+        info,
+        Lines::Map(headers, &X_FORWARDED_FOR),
+        Lines::Map(headers, &FORWARDED),
+    );
+    set_value(headers, &X_FORWARDED_FOR, lists.x_forwarded_for);
+    if !info.keeps(headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
     }
-    if !(info.peer_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+    if !info.keeps(headers.contains_key(&X_FORWARDED_HOST)) {
         let host = info.host.and_then(|host| HeaderValue::from_str(host).ok());
         set_or_remove(headers, &X_FORWARDED_HOST, host);
     }
+    set_value(headers, &FORWARDED, lists.forwarded);
+}
 
-    let element = ForwardedElement {
-        peer: &peer_text,
-        bracketed: peer.is_ipv6(),
-        proto: info.proto,
-        host: info.host.map(ForwardedValue::new),
-    };
-    let previous = if info.peer_trusted {
-        PreviousList::of(headers, &FORWARDED)
-    } else {
-        None
-    };
-    let forwarded = extend_list(previous, element.len(), |out| element.write_to(out));
-    set_value(headers, &FORWARDED, forwarded);
+impl ForwardInfo<'_> {
+    /// Whether a single-valued forwarding field the peer sent (`X-Forwarded-Proto`,
+    /// `X-Forwarded-Host`) is kept: only a trusted peer's, and only when it sent one.
+    pub(crate) fn keeps(&self, present: bool) -> bool {
+        self.peer_trusted && present
+    }
+}
+
+/// The new values of the two list fields, `X-Forwarded-For` and `Forwarded`: the lists a trusted
+/// peer sent, extended by this hop's entry. One computation for both kinds of head (header map, or
+/// the bytes of a plain request, see `plain`).
+pub(crate) struct ForwardedLists {
+    pub(crate) x_forwarded_for: Vec<u8>,
+    pub(crate) forwarded: Vec<u8>,
+}
+
+impl ForwardedLists {
+    /// `x_forwarded_for`, `forwarded`: the lines the peer sent (read only when it is trusted).
+    pub(crate) fn new(
+        info: &ForwardInfo<'_>,
+        x_forwarded_for: Lines<'_>,
+        forwarded: Lines<'_>,
+    ) -> ForwardedLists {
+        let peer = canonical(info.peer);
+        let peer_text = IpText::new(peer);
+        let previous = |lines| {
+            if info.peer_trusted {
+                PreviousList::of(lines)
+            } else {
+                None
+            }
+        };
+        let xff = extend_list(previous(x_forwarded_for), peer_text.len(), |out| {
+            out.extend_from_slice(peer_text.as_bytes())
+        });
+        let element = ForwardedElement {
+            peer: &peer_text,
+            bracketed: peer.is_ipv6(),
+            proto: info.proto,
+            host: info.host.map(ForwardedValue::new),
+        };
+        let forwarded = extend_list(previous(forwarded), element.len(), |out| {
+            element.write_to(out)
+        });
+        ForwardedLists {
+            x_forwarded_for: xff,
+            forwarded,
+        }
+    }
 }
 
 /// A list header's new value: the list a trusted peer sent, if any, then this hop's entry of
@@ -246,22 +277,44 @@ fn extend_list(
 /// one list: the text values joined by `", "`. Borrowed, so extending the list copies each byte
 /// once, however many lines it came in.
 struct PreviousList<'a> {
-    values: GetAll<'a, HeaderValue>,
+    values: Lines<'a>,
     /// What `write_to` writes: the joined text and the `", "` that leads to the next entry.
     len: usize,
 }
 
+/// The lines of one field: from a header map, or the one line of a head read as bytes (`plain`).
+#[derive(Clone, Copy)]
+pub(crate) enum Lines<'a> {
+    Map(&'a HeaderMap, &'a HeaderName),
+    One(&'a str),
+    None,
+}
+
+impl<'a> Lines<'a> {
+    /// Each line that is text, in order.
+    fn for_each(self, mut f: impl FnMut(&'a str)) {
+        match self {
+            Lines::Map(headers, name) => headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .for_each(f),
+            Lines::One(text) => f(text),
+            Lines::None => {}
+        }
+    }
+}
+
 impl<'a> PreviousList<'a> {
     /// `None` when there is nothing to extend: no text value, or a single blank one.
-    fn of(headers: &'a HeaderMap, name: &HeaderName) -> Option<Self> {
-        let values = headers.get_all(name);
+    fn of(values: Lines<'a>) -> Option<Self> {
         let (mut count, mut len, mut blank) = (0, 0, true);
-        for text in values.iter().filter_map(|v| v.to_str().ok()) {
+        values.for_each(|text| {
             count += 1;
             len += text.len() + LIST_SEPARATOR.len();
             // Header text holds no other whitespace than spaces and tabs.
             blank &= text.bytes().all(|b| b == b' ' || b == b'\t');
-        }
+        });
         // Two or more values are never blank together: the separator between them is not.
         if count == 0 || (count == 1 && blank) {
             return None;
@@ -275,10 +328,10 @@ impl<'a> PreviousList<'a> {
 
     /// Writes the list followed by `", "`, ready for the next entry.
     fn write_to(&self, out: &mut Vec<u8>) {
-        for text in self.values.iter().filter_map(|v| v.to_str().ok()) {
+        self.values.for_each(|text| {
             out.extend_from_slice(text.as_bytes());
             out.extend_from_slice(LIST_SEPARATOR);
-        }
+        });
     }
 }
 
@@ -446,18 +499,33 @@ impl fmt::Write for IpText {
 /// not one of them is the client (the rightmost address a trusted hop vouches for). Rules such as
 /// `ClientIP` and per-client rate limits use this address.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    client_ip_of(peer, Lines::Map(headers, &X_FORWARDED_FOR), trusted)
+}
+
+/// `client_ip`, with the `X-Forwarded-For` lines given.
+pub(crate) fn client_ip_of(peer: IpAddr, x_forwarded_for: Lines<'_>, trusted: &[IpNet]) -> IpAddr {
     let peer = canonical(peer);
     if !is_trusted(peer, trusted) {
         return peer;
     }
+    match x_forwarded_for {
+        Lines::Map(headers, name) => {
+            let lines = headers.get_all(name).iter().rev();
+            rightmost_untrusted(peer, lines.filter_map(|v| v.to_str().ok()), trusted)
+        }
+        Lines::One(text) => rightmost_untrusted(peer, std::iter::once(text), trusted),
+        Lines::None => peer,
+    }
+}
+
+/// The client by `X-Forwarded-For` lines given last first (see `client_ip`).
+fn rightmost_untrusted<'a>(
+    peer: IpAddr,
+    lines: impl Iterator<Item = &'a str>,
+    trusted: &[IpNet],
+) -> IpAddr {
     let mut client = peer;
-    let entries = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .rev()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.rsplit(','));
-    for entry in entries {
+    for entry in lines.flat_map(|v| v.rsplit(',')) {
         let Some(ip) = parse_xff_entry(entry) else {
             break;
         };
@@ -482,14 +550,18 @@ fn parse_xff_entry(entry: &str) -> Option<IpAddr> {
 /// followed across hops; otherwise sets a fresh random one. Returns the id in effect.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(existing) = headers.get(&X_REQUEST_ID) {
-        let bytes = existing.as_bytes();
-        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
+        if is_request_id(existing.as_bytes()) {
             return existing.clone();
         }
     }
     let id = new_request_id();
     headers.insert(&X_REQUEST_ID, id.clone());
     id
+}
+
+/// An incoming `X-Request-Id` that is kept: visible ASCII, 1 to 128 bytes.
+pub(crate) fn is_request_id(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= 128 && value.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// A random 128-bit id as 32 lowercase hex digits.

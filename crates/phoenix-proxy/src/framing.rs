@@ -586,6 +586,11 @@ impl Verdicts {
         (index >= refused).then(|| Ambiguity::from_code(self.reason.load(Ordering::Relaxed)))
     }
 
+    /// Whether `next_request` would refuse the next request, without counting it.
+    pub(crate) fn refuses_next(&self) -> bool {
+        self.served.load(Ordering::Relaxed) >= self.refused.load(Ordering::Acquire)
+    }
+
     /// The connection switched protocols: the scanner stops at its next read.
     pub(crate) fn switched_protocols(&self) {
         self.switched.store(true, Ordering::Relaxed);

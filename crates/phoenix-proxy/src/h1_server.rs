@@ -177,18 +177,46 @@ where
 
         // The request, with its body (all of it is in the buffer).
         let bytes = conn.read.split_to(head.len).freeze();
-        let Some(request) = request(&bytes, &head, &spans) else {
-            // A field or target the http types refuse: hyper answers it, from its first byte.
-            let mut read = BytesMut::from(&bytes[..]);
-            read.extend_from_slice(&conn.read);
-            return Served::Handover(conn.io, read);
+        let body = conn.read.split_to(head.body).freeze();
+        // A request the framing scanner refuses takes the header-map path, which answers it.
+        let plain = match verdicts.refuses_next() {
+            false => proxy.plain(
+                info,
+                &bytes,
+                &spans,
+                &head.method,
+                head.target.clone(),
+                body.clone(),
+            ),
+            true => None,
         };
-        let body = Full::new(conn.read.split_to(head.body).freeze());
-        let head_request = head.method == Method::HEAD;
+        let request = match plain {
+            Some(exchange) => Ok(exchange),
+            None => match request(&bytes, &head, &spans) {
+                Some(request) => Err(request.map(|()| Full::new(body))),
+                None => {
+                    // A field or target the http types refuse: hyper answers it, from its first
+                    // byte.
+                    let mut read =
+                        BytesMut::with_capacity(bytes.len() + body.len() + conn.read.len());
+                    read.extend_from_slice(&bytes);
+                    read.extend_from_slice(&body);
+                    read.extend_from_slice(&conn.read);
+                    return Served::Handover(conn.io, read);
+                }
+            },
+        };
+        // Counted only now: a request handed over to hyper is counted there.
         let refused = verdicts.next_request();
+        let head_request = head.method == Method::HEAD;
         // Boxed, as hyper boxes it: inline, the request's future (several KB) would be part of
         // every connection, the idle ones included.
-        let mut handling = Box::pin(proxy.handle(request.map(|()| body), info, refused));
+        let mut handling = Box::pin(async move {
+            match request {
+                Ok(exchange) => proxy.exchange(exchange, info).await,
+                Err(request) => proxy.handle(request, info, refused).await,
+            }
+        });
         // The exchange's state is an allocation of its own, like the request's future: an idle
         // connection holds only what waiting for a head needs.
         let exchange = Box::pin(async {

@@ -12,6 +12,7 @@ mod gate;
 mod h1_server;
 pub mod metrics;
 pub mod middleware;
+mod plain;
 pub mod prefixed;
 pub mod proxy;
 pub mod redirect;

@@ -350,6 +350,174 @@ impl Proxy {
             )
         });
         let upstream_req = Request::from_parts(parts, request_body);
+        self.exchange(
+            Exchange {
+                target,
+                request: upstream_req,
+                request_id,
+                traced,
+                client_upgrade,
+                body_fault,
+                retry,
+                template,
+                version,
+                log,
+                guard,
+            },
+            conn,
+        )
+        .await
+    }
+
+    /// Takes a plain HTTP/1.1 request by the plain path (see `plain`) when nothing in it needs
+    /// the header-map path: its head is `head`, its fields at `spans`, its target at `target`, and
+    /// all of its body is `body`. `None` leaves it to `handle`, which also answers every refusal.
+    pub(crate) fn plain(
+        self: &Arc<Self>,
+        conn: &Arc<ConnInfo>,
+        head: &Bytes,
+        spans: &[[usize; 4]],
+        method: &Method,
+        target: std::ops::Range<usize>,
+        body: Bytes,
+    ) -> Option<Exchange> {
+        let started = Instant::now();
+        let limits = &self.settings.limits;
+        if conn.denied.is_some()
+            || target.len() > limits.max_uri_length
+            || *method == Method::CONNECT
+            || limits
+                .max_body_size
+                .is_some_and(|max| body.len() as u64 > max)
+        {
+            return None;
+        }
+        let table = self.table.load();
+        if table.reads_headers() {
+            return None;
+        }
+        let scan = crate::plain::scan(head, spans)?;
+        let host_full = crate::plain::is_text(scan.host_value(head)?)?;
+        let host = host_without_port(host_full);
+        if self.settings.require_host_matches_sni
+            && conn
+                .sni
+                .as_deref()
+                .is_some_and(|sni| !sni.eq_ignore_ascii_case(&host))
+        {
+            return None;
+        }
+        let uri = http::Uri::from_maybe_shared(head.slice(target)).ok()?;
+        let client_ip = forward::client_ip_of(
+            conn.peer.ip(),
+            scan.x_forwarded_for(head),
+            &self.settings.trusted_proxies,
+        );
+        static NO_FIELDS: OnceLock<http::HeaderMap> = OnceLock::new();
+        let view = RequestView {
+            method,
+            host: &host,
+            path: uri.path(),
+            query: uri.query(),
+            headers: NO_FIELDS.get_or_init(http::HeaderMap::new),
+            client_ip,
+        };
+        let route = table.route(&view)?;
+        if !route.chain.is_empty() {
+            return None;
+        }
+        let route = route.clone();
+        drop(table);
+
+        let incoming_id = scan
+            .request_id()
+            .map(|[start, end]| head.slice(start..end))
+            .filter(|id| forward::is_request_id(id));
+        let (request_id, new_id) = match incoming_id {
+            Some(id) => (HeaderValue::from_maybe_shared(id).ok()?, false),
+            None => (forward::new_request_id(), true),
+        };
+        let info = ForwardInfo {
+            peer: conn.peer.ip(),
+            peer_trusted: forward::is_trusted(conn.peer.ip(), &self.settings.trusted_proxies),
+            proto: conn.scheme,
+            host: Some(host_full),
+        };
+        // The head's own length is a close bound of what is written: the fields, less the request
+        // line, plus this hop's forwarding fields.
+        let mut fields = Vec::with_capacity(head.len() + 160);
+        scan.write_fields(
+            &mut fields,
+            head,
+            spans,
+            &info,
+            new_id.then(|| request_id.as_bytes()),
+        );
+        let mut request = Request::new(body::boxed(http_body_util::Full::new(body)));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri;
+        request
+            .extensions_mut()
+            .insert(crate::plain::WireFields(Bytes::from(fields)));
+
+        let access_log = self.settings.access_log;
+        let log = AccessLog {
+            role: self.settings.role,
+            client: conn.peer,
+            method: method.clone(),
+            host: if access_log {
+                host.into_owned()
+            } else {
+                String::new()
+            },
+            path: if access_log {
+                request.uri().path().to_owned()
+            } else {
+                String::new()
+            },
+            target: Some(route.clone()),
+            upstream: None,
+            tls_version: conn.tls_version,
+            request_id: request_id.clone(),
+            status: 0,
+            started,
+        };
+        Some(Exchange {
+            target: route,
+            request,
+            request_id,
+            traced: None,
+            client_upgrade: None,
+            body_fault: Arc::new(BodyFault::default()),
+            retry: None,
+            template: None,
+            version: Version::HTTP_11,
+            log,
+            guard: conn.enter(),
+        })
+    }
+
+    /// Sends a request that is routed and rewritten to its service, and makes the response the
+    /// client gets of what comes back.
+    pub(crate) async fn exchange(
+        self: &Arc<Self>,
+        exchange: Exchange,
+        conn: &Arc<ConnInfo>,
+    ) -> Response<UpstreamBody> {
+        let Exchange {
+            target,
+            request: upstream_req,
+            request_id,
+            traced,
+            client_upgrade,
+            body_fault,
+            retry,
+            template,
+            version,
+            mut log,
+            guard,
+        } = exchange;
+        let started = log.started;
 
         let sent_at = traced.as_ref().map(|_| Instant::now());
         // Boxed: the upstream future is large (pool, TLS connect, retries), and hyper moves the
@@ -535,12 +703,31 @@ impl Proxy {
     }
 }
 
+/// What the request template of a retried request keeps (see `send`).
+type Template = (Method, http::Uri, Version, http::HeaderMap);
+
+/// A request routed and rewritten, ready for its service, with what its response needs.
+pub(crate) struct Exchange {
+    target: Arc<RouteTarget>,
+    request: Request<UpstreamBody>,
+    request_id: HeaderValue,
+    traced: Option<crate::trace::Traced>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    body_fault: Arc<BodyFault>,
+    retry: Option<RetryConfig>,
+    template: Option<Template>,
+    /// The client's HTTP version.
+    version: Version,
+    log: AccessLog,
+    guard: InFlightGuard,
+}
+
 /// Sends with the route's retry policy (only for requests without a body, which can be rebuilt).
 async fn send(
     service: &Arc<Service>,
     req: Request<UpstreamBody>,
     retry: Option<RetryConfig>,
-    template: Option<(Method, http::Uri, Version, http::HeaderMap)>,
+    template: Option<Template>,
 ) -> Result<Upstreamed, UpstreamError> {
     let (Some(retry), Some((method, uri, version, headers))) = (retry, template) else {
         return service.send(req).await;

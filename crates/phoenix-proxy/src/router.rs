@@ -40,6 +40,8 @@ pub struct Router<T> {
     by_host: HashMap<Box<str>, Box<[u32]>>,
     /// Positions in `routes` (ascending) of routes that may match any host.
     any_host: Box<[u32]>,
+    /// Some rule looks at header fields.
+    reads_headers: bool,
 }
 
 impl<T> Router<T> {
@@ -84,6 +86,7 @@ impl<T> Router<T> {
             }
         }
         Ok(Router {
+            reads_headers: compiled.iter().any(|r| r.rule.reads_headers()),
             routes: compiled,
             by_host: by_host
                 .into_iter()
@@ -91,6 +94,12 @@ impl<T> Router<T> {
                 .collect(),
             any_host: any_host.into_boxed_slice(),
         })
+    }
+
+    /// Whether some rule looks at request header fields: without such a rule, `route` needs no
+    /// headers in its view.
+    pub fn reads_headers(&self) -> bool {
+        self.reads_headers
     }
 
     /// The target of the first route, in priority order, whose rule matches the request.

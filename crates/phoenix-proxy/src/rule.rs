@@ -85,6 +85,12 @@ const MAX_REGEXES: usize = 64;
 
 impl Rule {
     /// Parses and compiles a rule. Errors point at the column of the offending token.
+    /// Whether the rule looks at request header fields (`Header`, `HeaderRegexp`); a table whose
+    /// rules do not can route a request before its fields are in a header map (see `plain`).
+    pub fn reads_headers(&self) -> bool {
+        self.expr.reads_headers()
+    }
+
     pub fn parse(src: &str) -> Result<Rule, RuleError> {
         if src.len() > MAX_RULE_LEN {
             return Err(RuleError {
@@ -161,6 +167,14 @@ impl Expr {
             Expr::Or(any) => any.iter().any(|e| e.eval(req)),
             Expr::Not(a) => !a.eval(req),
             Expr::Match(m) => m.matches(req),
+        }
+    }
+
+    fn reads_headers(&self) -> bool {
+        match self {
+            Expr::And(all) | Expr::Or(all) => all.iter().any(Expr::reads_headers),
+            Expr::Not(a) => a.reads_headers(),
+            Expr::Match(m) => matches!(m, Matcher::Header { .. } | Matcher::HeaderRegexp { .. }),
         }
     }
 }

@@ -253,6 +253,11 @@ impl RouteTable {
         self.router.route(req)
     }
 
+    /// See `Router::reads_headers`.
+    pub fn reads_headers(&self) -> bool {
+        self.router.reads_headers()
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }

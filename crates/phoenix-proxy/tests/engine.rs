@@ -544,6 +544,70 @@ async fn forwarded_headers_replaced_from_untrusted_and_appended_from_trusted_pee
     );
 }
 
+/// HTTP/1.1 requests to a route without middleware take the plain path, which writes the
+/// upstream head from the request's bytes; HTTP/2 requests take the header-map path. The backend
+/// must see the same fields either way, from an untrusted and from a trusted peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_header_map_paths_forward_the_same_fields() {
+    let pki = Pki::new("Plain Path Root");
+    let (app, api, docs) = (
+        backend("app").await,
+        backend("api").await,
+        backend("docs").await,
+    );
+    let routing = basic_routing(&app, &api, &docs).await;
+    for trusted in [false, true] {
+        let opts = MeshOptions {
+            trusted_proxies: if trusted { loopback() } else { Vec::new() },
+            ..Default::default()
+        };
+        let mesh = start_mesh(&pki, &routing, opts).await;
+        let mut seen = Vec::new();
+        for (client, version) in [
+            (
+                client_builder(&pki, mesh.addr)
+                    .http1_only()
+                    .build()
+                    .unwrap(),
+                reqwest::Version::HTTP_11,
+            ),
+            (client(&pki, mesh.addr), reqwest::Version::HTTP_2),
+        ] {
+            let resp = client
+                .post(url("app.phoenix.test", mesh.addr, "/p?q=1"))
+                .header("x-forwarded-for", "203.0.113.9, 10.0.0.2")
+                .header("x-forwarded-proto", "http")
+                .header("x-forwarded-host", "outer.test")
+                .header("forwarded", "for=203.0.113.9;proto=http")
+                .header("x-request-id", "same-id")
+                .header("keep-alive", "timeout=5")
+                .header("proxy-authorization", "Basic eA==")
+                .header("x-custom", "a")
+                .header("cookie", "b=2")
+                .body("four")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.version(), version);
+            assert_eq!(resp.headers()["x-request-id"], "same-id");
+            let json: Value = resp.json().await.unwrap();
+            assert_eq!(json["body_bytes"], 4, "{json}");
+            seen.push(json["headers"].clone());
+        }
+        assert_eq!(seen[0], seen[1], "trusted: {trusted}");
+        let fields = seen[0].as_object().unwrap();
+        assert!(fields.get("keep-alive").is_none(), "{fields:?}");
+        assert!(fields.get("proxy-authorization").is_none(), "{fields:?}");
+        assert_eq!(fields["x-custom"], serde_json::json!(["a"]));
+        let expected_xff = if trusted {
+            "203.0.113.9, 10.0.0.2, 127.0.0.1"
+        } else {
+            "127.0.0.1"
+        };
+        assert_eq!(fields["x-forwarded-for"], serde_json::json!([expected_xff]));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_are_502_and_504_with_request_id() {
     let pki = Pki::new("Errors Root");

@@ -46,6 +46,7 @@ use super::health::HealthState;
 use super::response::{InFlight, ResponseBody};
 use super::target::{Protocol, Target};
 use crate::body::{BoxError, UpstreamBody};
+use crate::plain::WireFields;
 
 /// Idle HTTP/1.1 connections kept per server.
 pub(crate) const MAX_IDLE: usize = 512;
@@ -560,7 +561,10 @@ where
 /// prepared again for another server.
 fn prepare_h1(req: &mut Request<UpstreamBody>, target: &Target) {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    if !req.headers().contains_key(header::HOST) {
+    // A plain request's fields hold its Host (see `plain`).
+    let has_host =
+        req.headers().contains_key(header::HOST) || req.extensions().get::<WireFields>().is_some();
+    if !has_host {
         let authority = parts.authority.as_ref().unwrap_or(&target.authority);
         if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
             req.headers_mut().insert(header::HOST, value);
@@ -579,6 +583,9 @@ fn prepare_h1(req: &mut Request<UpstreamBody>, target: &Target) {
 /// the client's own `:authority`), so the backend sees the same host as over HTTP/1.1. Connection
 /// headers, forbidden in HTTP/2, are dropped here rather than by hyper, which would log each one.
 fn prepare_h2(req: &mut Request<UpstreamBody>, target: &Target) {
+    if let Some(fields) = req.extensions_mut().remove::<WireFields>() {
+        fields.append_to(req.headers_mut());
+    }
     let host = req.headers_mut().remove(header::HOST);
     let headers = req.headers_mut();
     for name in [

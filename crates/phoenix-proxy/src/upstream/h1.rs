@@ -45,6 +45,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::body::{BoxError, UpstreamBody};
 use crate::forward::list_elements;
+use crate::plain::WireFields;
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// Largest response head accepted from a server.
@@ -445,6 +446,10 @@ fn encode_head(req: &Request<UpstreamBody>, out: &mut Vec<u8>) -> Result<Option<
             continue;
         }
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // A plain request's fields, written as they are (see `plain`; none of them frames the body).
+    if let Some(WireFields(fields)) = req.extensions().get::<WireFields>() {
+        out.extend_from_slice(fields);
     }
     if let Some(n) = framing {
         out.extend_from_slice(b"content-length: ");

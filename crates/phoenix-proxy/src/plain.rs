@@ -1,0 +1,416 @@
+//! The plain path: a request head forwarded as bytes, with no header map on the way.
+//!
+//! Most requests a hop sees are plain: HTTP/1.1 from Phoenix's own server (`h1_server`), a route
+//! without middleware, no trace asked for, nothing unusual among the fields. Building an
+//! `http::HeaderMap` for such a request, editing it, and writing it out again was a third of what
+//! a hop spent on it (docs/BENCHMARKS.md). On this path the head's fields are read once, where
+//! httparse left them, and the upstream head is written from them directly: every field the
+//! client sent, less the hop-by-hop ones and the forwarding fields this hop rewrites, then this
+//! hop's `X-Forwarded-*`, `Forwarded` and `X-Request-Id`.
+//!
+//! The rules are not written twice: the forwarding values come from `forward::ForwardedLists`
+//! and `forward::client_ip_of`, which the header-map path uses too, and a head with anything this
+//! module does not handle the way `forward::remove_hop_by_hop` would is not taken ([`scan`] says
+//! `None`): `TE`, a `Connection` that names other fields, a field named `close`, a trace request,
+//! a second `X-Forwarded-For`, `Forwarded` or `X-Request-Id`, a `Host` that is missing, repeated or
+//! not text. Those requests take the header-map path, as every request did before. The unit tests
+//! below hold the two paths to the same result field by field.
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::forward::{ForwardInfo, ForwardedLists, Lines, FORWARDED, X_FORWARDED_FOR};
+use crate::wire::push_field;
+
+/// The fields rewritten by this hop, by the same names `forward` writes.
+const X_FORWARDED_PROTO: &[u8] = b"x-forwarded-proto";
+const X_FORWARDED_HOST: &[u8] = b"x-forwarded-host";
+const X_REQUEST_ID: &[u8] = b"x-request-id";
+
+/// The fields a pass over a plain head found. Positions are indexes into the head's spans, at most
+/// 128 of them (`h1_server` parses no more).
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// Fields never forwarded: hop-by-hop, `Content-Length` (the upstream side frames the body
+    /// itself), and the list fields this hop rewrites.
+    dropped: u128,
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` lines: kept only from a trusted peer.
+    proto: u128,
+    host_fields: u128,
+    /// The value spans of `Host`, `X-Forwarded-For`, `Forwarded` and `X-Request-Id`.
+    host: Option<[usize; 2]>,
+    x_forwarded_for: Option<[usize; 2]>,
+    forwarded: Option<[usize; 2]>,
+    request_id: Option<(usize, [usize; 2])>,
+}
+
+/// Reads the fields of a head (`spans` into `head`, as `wire::span` gives them) and says whether the
+/// plain path takes it (see the module documentation for what it does not).
+pub(crate) fn scan(head: &[u8], spans: &[[usize; 4]]) -> Option<Scan> {
+    if spans.len() > 128 {
+        return None;
+    }
+    let mut scan = Scan::default();
+    let mut hosts = 0;
+    for (i, &[name_start, name_end, value_start, value_end]) in spans.iter().enumerate() {
+        let name = &head[name_start..name_end];
+        let value = [value_start, value_end];
+        let bit = 1u128 << i;
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        // Most names are ruled out by their length, without comparing any text.
+        match name.len() {
+            2 if is(b"te") => return None,
+            4 if is(b"host") => {
+                hosts += 1;
+                scan.host = Some(value);
+            }
+            5 if is(b"close") => return None,
+            7 if is(b"trailer") => scan.dropped |= bit,
+            7 if is(b"upgrade") => return None,
+            9 if is(b"forwarded") => {
+                if scan.forwarded.replace(value).is_some() {
+                    return None;
+                }
+                scan.dropped |= bit;
+            }
+            10 if is(b"connection") => {
+                if !only_hop_by_hop(&head[value_start..value_end]) {
+                    return None;
+                }
+                scan.dropped |= bit;
+            }
+            10 if is(b"keep-alive") => scan.dropped |= bit,
+            12 if is(X_REQUEST_ID) => {
+                if scan.request_id.is_some() {
+                    return None;
+                }
+                scan.request_id = Some((i, value));
+            }
+            14 if is(b"content-length") => scan.dropped |= bit,
+            15 if is(X_FORWARDED_FOR.as_str().as_bytes()) => {
+                if scan.x_forwarded_for.replace(value).is_some() {
+                    return None;
+                }
+                scan.dropped |= bit;
+            }
+            15 if is(crate::trace::TRACE_REQUEST.as_str().as_bytes()) => return None,
+            16 if is(X_FORWARDED_HOST) => scan.host_fields |= bit,
+            16 if is(b"proxy-connection") => scan.dropped |= bit,
+            17 if is(X_FORWARDED_PROTO) => scan.proto |= bit,
+            17 if is(b"transfer-encoding") => return None,
+            18 if is(b"proxy-authenticate") => scan.dropped |= bit,
+            19 if is(b"proxy-authorization") => scan.dropped |= bit,
+            _ => {}
+        }
+    }
+    if hosts != 1 || is_text(scan.host_value(head)?).is_none() {
+        return None;
+    }
+    Some(scan)
+}
+
+impl Scan {
+    /// The `Host` value, the one the plain path requires.
+    pub(crate) fn host_value<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
+        self.host.map(|[start, end]| &head[start..end])
+    }
+
+    /// The `X-Forwarded-For` line, for `forward::client_ip_of`.
+    pub(crate) fn x_forwarded_for<'a>(&self, head: &'a [u8]) -> Lines<'a> {
+        text_line(head, self.x_forwarded_for)
+    }
+
+    /// The incoming `X-Request-Id` value, if there is one.
+    pub(crate) fn request_id(&self) -> Option<[usize; 2]> {
+        self.request_id.map(|(_, value)| value)
+    }
+
+    /// Writes the fields of the upstream head into `out`: the client's, less what this hop drops
+    /// or rewrites, then this hop's forwarding fields and, when `new_request_id` is given (the
+    /// incoming one was missing or not kept), `X-Request-Id`.
+    pub(crate) fn write_fields(
+        &self,
+        out: &mut Vec<u8>,
+        head: &[u8],
+        spans: &[[usize; 4]],
+        info: &ForwardInfo<'_>,
+        new_request_id: Option<&[u8]>,
+    ) {
+        let lists = ForwardedLists::new(
+            info,
+            text_line(head, self.x_forwarded_for),
+            text_line(head, self.forwarded),
+        );
+        let keep_proto = info.keeps(self.proto != 0);
+        let keep_host = info.keeps(self.host_fields != 0);
+        let mut skip = self.dropped;
+        if !keep_proto {
+            skip |= self.proto;
+        }
+        if !keep_host {
+            skip |= self.host_fields;
+        }
+        if let (Some((i, _)), Some(_)) = (self.request_id, new_request_id) {
+            skip |= 1 << i;
+        }
+        for (i, &[name_start, name_end, value_start, value_end]) in spans.iter().enumerate() {
+            if skip & (1 << i) == 0 {
+                push_field(
+                    out,
+                    &head[name_start..name_end],
+                    &head[value_start..value_end],
+                );
+            }
+        }
+        push_field(
+            out,
+            X_FORWARDED_FOR.as_str().as_bytes(),
+            &lists.x_forwarded_for,
+        );
+        if !keep_proto {
+            push_field(out, X_FORWARDED_PROTO, info.proto.as_bytes());
+        }
+        if !keep_host {
+            if let Some(host) = info.host {
+                push_field(out, X_FORWARDED_HOST, host.as_bytes());
+            }
+        }
+        push_field(out, FORWARDED.as_str().as_bytes(), &lists.forwarded);
+        if let Some(id) = new_request_id {
+            push_field(out, X_REQUEST_ID, id);
+        }
+    }
+}
+
+/// One line of a list field, as the header-map path reads it: only when it is text.
+fn text_line(head: &[u8], value: Option<[usize; 2]>) -> Lines<'_> {
+    value
+        .and_then(|[start, end]| is_text(&head[start..end]))
+        .map_or(Lines::None, Lines::One)
+}
+
+/// A field value as text, as `HeaderValue::to_str` takes it: visible ASCII, spaces and tabs.
+pub(crate) fn is_text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+    {
+        // ASCII is UTF-8.
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether a `Connection` value names only options the plain path handles: `close`, `keep-alive`
+/// and fields that are hop-by-hop anyway (and dropped whether named or not).
+fn only_hop_by_hop(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .all(|t| {
+            [
+                &b"close"[..],
+                b"keep-alive",
+                b"connection",
+                b"proxy-connection",
+                b"proxy-authenticate",
+                b"proxy-authorization",
+                b"trailer",
+            ]
+            .iter()
+            .any(|known| t.eq_ignore_ascii_case(known))
+        })
+}
+
+/// The fields a plain request is sent upstream with, written by `Scan::write_fields`: the
+/// upstream's HTTP/1.1 client writes them after the fields of the request's (empty) header map.
+#[derive(Debug, Clone)]
+pub(crate) struct WireFields(pub(crate) Bytes);
+
+impl WireFields {
+    /// Adds the fields to `headers`, for a server that is not reached over HTTP/1.1. Each line is
+    /// one `write_fields` wrote, of a name and value the http types take (`h1_server` parsed them
+    /// with httparse, whose name and value bytes are theirs); a line that is not is skipped.
+    pub(crate) fn append_to(&self, headers: &mut HeaderMap) {
+        let mut rest = &self.0[..];
+        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+            let line = &rest[..end];
+            rest = &rest[end + 2..];
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            // `write_fields` puts exactly one space after the colon.
+            let (name, value) = (&line[..colon], &line[colon + 1..]);
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.0.slice_ref(value)),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::MaybeUninit;
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::forward;
+    use crate::wire::{fields, span};
+
+    /// Parses a request head into its bytes and field spans, as `h1_server` does.
+    fn parse(head: &str) -> (Bytes, Vec<[usize; 4]>) {
+        let bytes = Bytes::copy_from_slice(head.as_bytes());
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 64];
+        let mut req = httparse::Request::new(&mut []);
+        let status = req
+            .parse_with_uninit_headers(&bytes, &mut slots)
+            .expect("test heads parse");
+        assert!(status.is_complete());
+        let spans = req.headers.iter().map(|f| span(&bytes, f)).collect();
+        (bytes, spans)
+    }
+
+    /// Fields as sorted `(lowercase name, value)` pairs.
+    fn sorted(headers: &HeaderMap) -> Vec<(String, String)> {
+        let mut pairs: Vec<_> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// The upstream fields by the header-map path: `proxy::handle`'s edits, then what the
+    /// upstream client leaves out (`Content-Length`, which it writes from the body itself).
+    fn by_map(head: &str, info: &ForwardInfo<'_>) -> Vec<(String, String)> {
+        let (bytes, spans) = parse(head);
+        let mut headers = fields(&bytes, &spans, 0).unwrap();
+        forward::ensure_request_id(&mut headers);
+        forward::remove_hop_by_hop(&mut headers, false);
+        forward::set_forwarded(&mut headers, info);
+        headers.remove(http::header::CONTENT_LENGTH);
+        sorted(&headers)
+    }
+
+    /// The upstream fields by the plain path, read back into a map; `None` when it does not take
+    /// the head.
+    fn by_bytes(head: &str, info: &ForwardInfo<'_>) -> Option<Vec<(String, String)>> {
+        let (bytes, spans) = parse(head);
+        let scan = scan(&bytes, &spans)?;
+        let kept = scan
+            .request_id()
+            .is_some_and(|[s, e]| forward::is_request_id(&bytes[s..e]));
+        let mut out = Vec::new();
+        scan.write_fields(
+            &mut out,
+            &bytes,
+            &spans,
+            info,
+            (!kept).then_some(&b"fresh-id"[..]),
+        );
+        // Read back as an HTTP/2 upstream gets them.
+        let mut headers = HeaderMap::new();
+        WireFields(out.into()).append_to(&mut headers);
+        Some(sorted(&headers))
+    }
+
+    fn info(peer: &str, trusted: bool) -> ForwardInfo<'static> {
+        ForwardInfo {
+            peer: peer.parse::<IpAddr>().unwrap(),
+            peer_trusted: trusted,
+            proto: "https",
+            host: Some("app.phoenix.test"),
+        }
+    }
+
+    /// Heads the plain path takes give the same upstream fields by both paths, from trusted and
+    /// untrusted peers, over IPv4 and IPv6. A fresh request id is random on the map path, so the
+    /// heads that need one are compared without it.
+    #[test]
+    fn both_paths_forward_the_same_fields() {
+        let heads = [
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Request-Id: r0\r\n\r\n",
+            "GET /a?b=c HTTP/1.1\r\nHost: app.phoenix.test\r\nUser-Agent: x\r\nAccept: */*\r\nX-Request-Id: abc\r\n\r\n",
+            "POST /p HTTP/1.1\r\nhost: app.phoenix.test\r\ncontent-length: 3\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\nx-request-id: r1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Forwarded-For: 203.0.113.9, 10.0.0.2\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: outer.test\r\nForwarded: for=203.0.113.9;proto=http\r\nX-Request-Id: r2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Forwarded-For:   \r\nForwarded: \r\nx-request-id: r3\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nProxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nTrailer: x\r\nConnection: close, proxy-authorization\r\nX-Request-Id: r4\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Proto: ws\r\nx-request-id: r5\r\n\r\n",
+        ];
+        let peers = [
+            info("10.0.0.3", true),
+            info("10.0.0.3", false),
+            info("2001:db8::7", true),
+            info("::ffff:192.0.2.1", false),
+        ];
+        for head in heads {
+            for info in &peers {
+                let by_map = by_map(head, info);
+                let by_bytes = by_bytes(head, info).unwrap_or_else(|| panic!("not taken: {head}"));
+                assert_eq!(by_bytes, by_map, "{head} from {info:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_or_malformed_request_id_is_replaced_on_both_paths() {
+        for head in [
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Request-Id: a b\r\n\r\n",
+        ] {
+            let info = info("10.0.0.3", false);
+            let strip = |mut fields: Vec<(String, String)>| {
+                let ids: Vec<_> = fields.iter().filter(|(n, _)| n == "x-request-id").collect();
+                assert_eq!(ids.len(), 1, "{head}");
+                assert_ne!(ids[0].1, "a b", "{head}");
+                fields.retain(|(n, _)| n != "x-request-id");
+                fields
+            };
+            assert_eq!(
+                strip(by_bytes(head, &info).unwrap()),
+                strip(by_map(head, &info))
+            );
+        }
+    }
+
+    /// What the plain path leaves to the header-map path.
+    #[test]
+    fn unusual_heads_are_left_to_the_header_map_path() {
+        for head in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: caf\u{e9}.test\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nTE: trailers\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\nClose: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-Phoenix-Trace: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nForwarded: for=a\r\nforwarded: for=b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-Request-Id: 1\r\nX-Request-Id: 2\r\n\r\n",
+        ] {
+            let (bytes, spans) = parse(head);
+            assert!(scan(&bytes, &spans).is_none(), "{head}");
+        }
+    }
+
+    #[test]
+    fn the_client_address_is_read_from_the_same_line_on_both_paths() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let (bytes, spans) = parse(
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 198.51.100.4, 10.1.1.1\r\n\r\n",
+        );
+        let scan = scan(&bytes, &spans).unwrap();
+        let line = scan.x_forwarded_for(&bytes);
+        let headers = fields(&bytes, &spans, 0).unwrap();
+        let peer: IpAddr = "10.0.0.3".parse().unwrap();
+        let by_bytes = forward::client_ip_of(peer, line, &trusted);
+        assert_eq!(by_bytes, forward::client_ip(peer, &headers, &trusted));
+        assert_eq!(by_bytes, "198.51.100.4".parse::<IpAddr>().unwrap());
+    }
+}
