@@ -188,12 +188,15 @@ pub struct ForwardInfo<'a> {
 /// peer, the chain is extended and the original proto/host are kept; from anyone else, whatever the
 /// client sent is discarded and replaced by what this hop saw.
 pub fn set_forwarded(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    let lists = ForwardedLists::new(
-        info,
-        Lines::Map(headers, &X_FORWARDED_FOR),
-        Lines::Map(headers, &FORWARDED),
-    );
-    set_value(headers, &X_FORWARDED_FOR, lists.x_forwarded_for);
+    let (xff, forwarded) = {
+        let lists = ForwardedLists::new(
+            info,
+            Lines::Map(headers, &X_FORWARDED_FOR),
+            Lines::Map(headers, &FORWARDED),
+        );
+        (lists.x_forwarded_for(), lists.forwarded())
+    };
+    set_value(headers, &X_FORWARDED_FOR, xff);
     if !info.keeps(headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
     }
@@ -201,7 +204,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         let host = info.host.and_then(|host| HeaderValue::from_str(host).ok());
         set_or_remove(headers, &X_FORWARDED_HOST, host);
     }
-    set_value(headers, &FORWARDED, lists.forwarded);
+    set_value(headers, &FORWARDED, forwarded);
 }
 
 impl ForwardInfo<'_> {
@@ -213,22 +216,23 @@ impl ForwardInfo<'_> {
 }
 
 /// The new values of the two list fields, `X-Forwarded-For` and `Forwarded`: the lists a trusted
-/// peer sent, extended by this hop's entry. One computation for both kinds of head (header map, or
-/// the bytes of a plain request, see `plain`).
-pub(crate) struct ForwardedLists {
-    pub(crate) x_forwarded_for: Vec<u8>,
-    pub(crate) forwarded: Vec<u8>,
+/// peer sent, extended by this hop's entry. One computation for both kinds of head: a header map,
+/// or the bytes of a plain request (`plain`), into whose upstream head they are written directly.
+pub(crate) struct ForwardedLists<'a> {
+    peer: IpText,
+    element: ForwardedElement<'a>,
+    previous_xff: Option<PreviousList<'a>>,
+    previous_forwarded: Option<PreviousList<'a>>,
 }
 
-impl ForwardedLists {
+impl<'a> ForwardedLists<'a> {
     /// `x_forwarded_for`, `forwarded`: the lines the peer sent (read only when it is trusted).
     pub(crate) fn new(
-        info: &ForwardInfo<'_>,
-        x_forwarded_for: Lines<'_>,
-        forwarded: Lines<'_>,
-    ) -> ForwardedLists {
+        info: &ForwardInfo<'a>,
+        x_forwarded_for: Lines<'a>,
+        forwarded: Lines<'a>,
+    ) -> ForwardedLists<'a> {
         let peer = canonical(info.peer);
-        let peer_text = IpText::new(peer);
         let previous = |lines| {
             if info.peer_trusted {
                 PreviousList::of(lines)
@@ -236,41 +240,57 @@ impl ForwardedLists {
                 None
             }
         };
-        let xff = extend_list(previous(x_forwarded_for), peer_text.len(), |out| {
-            out.extend_from_slice(peer_text.as_bytes())
-        });
-        let element = ForwardedElement {
-            peer: &peer_text,
-            bracketed: peer.is_ipv6(),
-            proto: info.proto,
-            host: info.host.map(ForwardedValue::new),
-        };
-        let forwarded = extend_list(previous(forwarded), element.len(), |out| {
-            element.write_to(out)
-        });
         ForwardedLists {
-            x_forwarded_for: xff,
-            forwarded,
+            peer: IpText::new(peer),
+            element: ForwardedElement {
+                bracketed: peer.is_ipv6(),
+                proto: info.proto,
+                host: info.host.map(ForwardedValue::new),
+            },
+            previous_xff: previous(x_forwarded_for),
+            previous_forwarded: previous(forwarded),
         }
     }
-}
 
-/// A list header's new value: the list a trusted peer sent, if any, then this hop's entry of
-/// `entry_len` bytes, written by `write_entry`.
-fn extend_list(
-    previous: Option<PreviousList<'_>>,
-    entry_len: usize,
-    write_entry: impl FnOnce(&mut Vec<u8>),
-) -> Vec<u8> {
-    let len = previous.as_ref().map_or(0, PreviousList::len) + entry_len;
-    // Exactly the length: `Bytes` then takes the buffer over as it is (see `set_value`).
-    let mut out = Vec::with_capacity(len);
-    if let Some(previous) = previous {
-        previous.write_to(&mut out);
+    /// The new `X-Forwarded-For` value, in a buffer of exactly its length.
+    pub(crate) fn x_forwarded_for(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.x_forwarded_for_len());
+        self.write_x_forwarded_for(&mut out);
+        out
     }
-    write_entry(&mut out);
-    debug_assert_eq!(out.len(), len, "list entry length mismeasured");
-    out
+
+    /// The new `Forwarded` value, in a buffer of exactly its length.
+    pub(crate) fn forwarded(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.forwarded_len());
+        self.write_forwarded(&mut out);
+        out
+    }
+
+    pub(crate) fn x_forwarded_for_len(&self) -> usize {
+        self.previous_xff.as_ref().map_or(0, PreviousList::len) + self.peer.len()
+    }
+
+    pub(crate) fn forwarded_len(&self) -> usize {
+        let previous = self
+            .previous_forwarded
+            .as_ref()
+            .map_or(0, PreviousList::len);
+        previous + self.element.len(&self.peer)
+    }
+
+    pub(crate) fn write_x_forwarded_for(&self, out: &mut Vec<u8>) {
+        if let Some(previous) = &self.previous_xff {
+            previous.write_to(out);
+        }
+        out.extend_from_slice(self.peer.as_bytes());
+    }
+
+    pub(crate) fn write_forwarded(&self, out: &mut Vec<u8>) {
+        if let Some(previous) = &self.previous_forwarded {
+            previous.write_to(out);
+        }
+        self.element.write_to(out, &self.peer);
+    }
 }
 
 /// The values of a list header (`X-Forwarded-For`, `Forwarded`) that a trusted peer sent, read as
@@ -339,7 +359,6 @@ const LIST_SEPARATOR: &[u8] = b", ";
 
 /// This hop's `Forwarded` element: `for=<peer>;proto=<proto>[;host=<host>]`.
 struct ForwardedElement<'a> {
-    peer: &'a IpText,
     /// RFC 7239 section 6: IPv6 addresses are bracketed and, since `[`, `]` and `:` are not token
     /// characters, quoted.
     bracketed: bool,
@@ -349,20 +368,20 @@ struct ForwardedElement<'a> {
 
 impl ForwardedElement<'_> {
     /// What `write_to` writes; the two must agree.
-    fn len(&self) -> usize {
-        let node = self.peer.len() + if self.bracketed { 4 } else { 0 };
+    fn len(&self, peer: &IpText) -> usize {
+        let node = peer.len() + if self.bracketed { 4 } else { 0 };
         let host = self.host.map_or(0, |h| ";host=".len() + h.len());
         "for=".len() + node + ";proto=".len() + self.proto.len() + host
     }
 
-    fn write_to(&self, out: &mut Vec<u8>) {
+    fn write_to(&self, out: &mut Vec<u8>, peer: &IpText) {
         out.extend_from_slice(b"for=");
         if self.bracketed {
             out.extend_from_slice(b"\"[");
-            out.extend_from_slice(self.peer.as_bytes());
+            out.extend_from_slice(peer.as_bytes());
             out.extend_from_slice(b"]\"");
         } else {
-            out.extend_from_slice(self.peer.as_bytes());
+            out.extend_from_slice(peer.as_bytes());
         }
         out.extend_from_slice(b";proto=");
         out.extend_from_slice(self.proto.as_bytes());

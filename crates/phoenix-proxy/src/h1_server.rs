@@ -39,6 +39,7 @@ use crate::body::UpstreamBody;
 use crate::forward::list_elements;
 use crate::framing::Verdicts;
 use crate::gate::Gate;
+use crate::plain::WireFields;
 use crate::proxy::{ConnInfo, Proxy};
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
@@ -554,7 +555,12 @@ fn encode_head(
         }
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !parts.headers.contains_key(header::DATE) {
+    // A plain exchange's ordinary fields (see `plain`): none of them frames or closes.
+    let lines = parts.extensions.get::<WireFields>();
+    if let Some(lines) = lines {
+        out.extend_from_slice(&lines.lines);
+    }
+    if !(parts.headers.contains_key(header::DATE) || lines.is_some_and(|l| l.date)) {
         date::with(|date| push_field(out, b"date", date));
     }
     let framing = if no_body {

@@ -29,32 +29,35 @@ const X_REQUEST_ID: &[u8] = b"x-request-id";
 
 /// The fields a pass over a plain head found. Positions are indexes into the head's spans, at most
 /// 128 of them (`h1_server` parses no more).
-#[derive(Debug, Default)]
-pub(crate) struct Scan {
+pub(crate) struct Scan<'a> {
     /// Fields never forwarded: hop-by-hop, `Content-Length` (the upstream side frames the body
     /// itself), and the list fields this hop rewrites.
     dropped: u128,
     /// `X-Forwarded-Proto` and `X-Forwarded-Host` lines: kept only from a trusted peer.
     proto: u128,
     host_fields: u128,
-    /// The value spans of `Host`, `X-Forwarded-For`, `Forwarded` and `X-Request-Id`.
-    host: Option<[usize; 2]>,
-    x_forwarded_for: Option<[usize; 2]>,
-    forwarded: Option<[usize; 2]>,
+    /// The one `Host`.
+    pub(crate) host: &'a str,
+    /// The `X-Forwarded-For` and `Forwarded` lines, when they are text (the header-map path
+    /// skips a value that is not).
+    pub(crate) x_forwarded_for: Lines<'a>,
+    forwarded: Lines<'a>,
+    /// The `X-Request-Id` field: its position and value span.
     request_id: Option<(usize, [usize; 2])>,
 }
 
 /// Reads the fields of a head (`spans` into `head`, as `wire::span` gives them) and says whether the
 /// plain path takes it (see the module documentation for what it does not).
-pub(crate) fn scan(head: &[u8], spans: &[[usize; 4]]) -> Option<Scan> {
+pub(crate) fn scan<'a>(head: &'a [u8], spans: &[[usize; 4]]) -> Option<Scan<'a>> {
     if spans.len() > 128 {
         return None;
     }
-    let mut scan = Scan::default();
+    let (mut dropped, mut proto, mut host_fields) = (0u128, 0u128, 0u128);
+    let (mut host, mut x_forwarded_for, mut forwarded, mut request_id) = (None, None, None, None);
     let mut hosts = 0;
     for (i, &[name_start, name_end, value_start, value_end]) in spans.iter().enumerate() {
         let name = &head[name_start..name_end];
-        let value = [value_start, value_end];
+        let value = &head[value_start..value_end];
         let bit = 1u128 << i;
         let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
         // Most names are ruled out by their length, without comparing any text.
@@ -62,64 +65,64 @@ pub(crate) fn scan(head: &[u8], spans: &[[usize; 4]]) -> Option<Scan> {
             2 if is(b"te") => return None,
             4 if is(b"host") => {
                 hosts += 1;
-                scan.host = Some(value);
+                host = Some(value);
             }
             5 if is(b"close") => return None,
-            7 if is(b"trailer") => scan.dropped |= bit,
+            7 if is(b"trailer") => dropped |= bit,
             7 if is(b"upgrade") => return None,
             9 if is(b"forwarded") => {
-                if scan.forwarded.replace(value).is_some() {
+                if forwarded.replace(value).is_some() {
                     return None;
                 }
-                scan.dropped |= bit;
+                dropped |= bit;
             }
             10 if is(b"connection") => {
-                if !only_hop_by_hop(&head[value_start..value_end]) {
+                if !only_hop_by_hop(value) {
                     return None;
                 }
-                scan.dropped |= bit;
+                dropped |= bit;
             }
-            10 if is(b"keep-alive") => scan.dropped |= bit,
+            10 if is(b"keep-alive") => dropped |= bit,
             12 if is(X_REQUEST_ID) => {
-                if scan.request_id.is_some() {
+                if request_id.is_some() {
                     return None;
                 }
-                scan.request_id = Some((i, value));
+                request_id = Some((i, [value_start, value_end]));
             }
-            14 if is(b"content-length") => scan.dropped |= bit,
+            14 if is(b"content-length") => dropped |= bit,
             15 if is(X_FORWARDED_FOR.as_str().as_bytes()) => {
-                if scan.x_forwarded_for.replace(value).is_some() {
+                if x_forwarded_for.replace(value).is_some() {
                     return None;
                 }
-                scan.dropped |= bit;
+                dropped |= bit;
             }
             15 if is(crate::trace::TRACE_REQUEST.as_str().as_bytes()) => return None,
-            16 if is(X_FORWARDED_HOST) => scan.host_fields |= bit,
-            16 if is(b"proxy-connection") => scan.dropped |= bit,
-            17 if is(X_FORWARDED_PROTO) => scan.proto |= bit,
+            16 if is(X_FORWARDED_HOST) => host_fields |= bit,
+            16 if is(b"proxy-connection") => dropped |= bit,
+            17 if is(X_FORWARDED_PROTO) => proto |= bit,
             17 if is(b"transfer-encoding") => return None,
-            18 if is(b"proxy-authenticate") => scan.dropped |= bit,
-            19 if is(b"proxy-authorization") => scan.dropped |= bit,
+            18 if is(b"proxy-authenticate") => dropped |= bit,
+            19 if is(b"proxy-authorization") => dropped |= bit,
             _ => {}
         }
     }
-    if hosts != 1 || is_text(scan.host_value(head)?).is_none() {
+    if hosts != 1 {
         return None;
     }
-    Some(scan)
+    let text_line =
+        |value: Option<&'a [u8]>| value.and_then(is_text).map_or(Lines::None, Lines::One);
+    Some(Scan {
+        dropped,
+        proto,
+        host_fields,
+        host: is_text(host?)?,
+        x_forwarded_for: text_line(x_forwarded_for),
+        forwarded: text_line(forwarded),
+        request_id,
+    })
 }
 
-impl Scan {
-    /// The `Host` value, the one the plain path requires.
-    pub(crate) fn host_value<'a>(&self, head: &'a [u8]) -> Option<&'a [u8]> {
-        self.host.map(|[start, end]| &head[start..end])
-    }
-
-    /// The `X-Forwarded-For` line, for `forward::client_ip_of`.
-    pub(crate) fn x_forwarded_for<'a>(&self, head: &'a [u8]) -> Lines<'a> {
-        text_line(head, self.x_forwarded_for)
-    }
-
+impl Scan<'_> {
     /// The incoming `X-Request-Id` value, if there is one.
     pub(crate) fn request_id(&self) -> Option<[usize; 2]> {
         self.request_id.map(|(_, value)| value)
@@ -136,11 +139,7 @@ impl Scan {
         info: &ForwardInfo<'_>,
         new_request_id: Option<&[u8]>,
     ) {
-        let lists = ForwardedLists::new(
-            info,
-            text_line(head, self.x_forwarded_for),
-            text_line(head, self.forwarded),
-        );
+        let lists = ForwardedLists::new(info, self.x_forwarded_for, self.forwarded);
         let keep_proto = info.keeps(self.proto != 0);
         let keep_host = info.keeps(self.host_fields != 0);
         let mut skip = self.dropped;
@@ -162,11 +161,11 @@ impl Scan {
                 );
             }
         }
-        push_field(
-            out,
-            X_FORWARDED_FOR.as_str().as_bytes(),
-            &lists.x_forwarded_for,
-        );
+        // The list values are written in place, with no buffer of their own.
+        out.extend_from_slice(X_FORWARDED_FOR.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        lists.write_x_forwarded_for(out);
+        out.extend_from_slice(b"\r\n");
         if !keep_proto {
             push_field(out, X_FORWARDED_PROTO, info.proto.as_bytes());
         }
@@ -175,18 +174,14 @@ impl Scan {
                 push_field(out, X_FORWARDED_HOST, host.as_bytes());
             }
         }
-        push_field(out, FORWARDED.as_str().as_bytes(), &lists.forwarded);
+        out.extend_from_slice(FORWARDED.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        lists.write_forwarded(out);
+        out.extend_from_slice(b"\r\n");
         if let Some(id) = new_request_id {
             push_field(out, X_REQUEST_ID, id);
         }
     }
-}
-
-/// One line of a list field, as the header-map path reads it: only when it is text.
-fn text_line(head: &[u8], value: Option<[usize; 2]>) -> Lines<'_> {
-    value
-        .and_then(|[start, end]| is_text(&head[start..end]))
-        .map_or(Lines::None, Lines::One)
 }
 
 /// A field value as text, as `HeaderValue::to_str` takes it: visible ASCII, spaces and tabs.
@@ -224,17 +219,75 @@ fn only_hop_by_hop(value: &[u8]) -> bool {
         })
 }
 
-/// The fields a plain request is sent upstream with, written by `Scan::write_fields`: the
-/// upstream's HTTP/1.1 client writes them after the fields of the request's (empty) header map.
+/// Fields of a plain exchange kept as `name: value\r\n` lines beside its (emptier) header map:
+/// on a plain request, the fields `Scan::write_fields` wrote, which the upstream's HTTP/1.1 client
+/// writes after those of the map; on its response, the fields no code reads by name
+/// ([`split_response`]), which `h1_server` writes after those of the map.
 #[derive(Debug, Clone)]
-pub(crate) struct WireFields(pub(crate) Bytes);
+pub(crate) struct WireFields {
+    pub(crate) lines: Bytes,
+    /// A `Date` field is among the lines.
+    pub(crate) date: bool,
+}
+
+/// Whether a response field is one some code reads or edits by name, and so stays in the
+/// response's header map: framing (`Content-Length`, `Transfer-Encoding`), hop-by-hop fields and
+/// `Connection` (`forward::remove_hop_by_hop`, the keep-alive of both connections), the trace
+/// field (`trace::strip`) and `X-Request-Id`, which this hop sets.
+fn read_by_name(name: &[u8]) -> bool {
+    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        2 => is(b"te"),
+        5 => is(b"close"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        12 => is(X_REQUEST_ID),
+        14 => is(b"content-length"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization") || is(crate::trace::TRACE_HOP.as_str().as_bytes()),
+        _ => false,
+    }
+}
+
+/// The response head of a plain request, its fields at `spans` of `head`: a header map of the
+/// fields read by name, and the others as lines. `None` when the head needs a whole header map:
+/// its `Connection` names other fields, which the header-map path removes by name, or a field is
+/// one the http types refuse (which `wire::fields` then reports).
+pub(crate) fn split_response(
+    head: &Bytes,
+    spans: &[[usize; 4]],
+) -> Option<(HeaderMap, WireFields)> {
+    let mut headers = HeaderMap::new();
+    let mut lines = Vec::with_capacity(head.len());
+    let mut date = false;
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = &head[name_start..name_end];
+        let value = &head[value_start..value_end];
+        if read_by_name(name) {
+            if name.eq_ignore_ascii_case(b"connection") && !only_hop_by_hop(value) {
+                return None;
+            }
+            headers.append(
+                HeaderName::from_bytes(name).ok()?,
+                HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?,
+            );
+        } else {
+            date |= name.eq_ignore_ascii_case(b"date");
+            push_field(&mut lines, name, value);
+        }
+    }
+    let lines = Bytes::from(lines);
+    Some((headers, WireFields { lines, date }))
+}
 
 impl WireFields {
     /// Adds the fields to `headers`, for a server that is not reached over HTTP/1.1. Each line is
     /// one `write_fields` wrote, of a name and value the http types take (`h1_server` parsed them
     /// with httparse, whose name and value bytes are theirs); a line that is not is skipped.
     pub(crate) fn append_to(&self, headers: &mut HeaderMap) {
-        let mut rest = &self.0[..];
+        let mut rest = &self.lines[..];
         while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
             let line = &rest[..end];
             rest = &rest[end + 2..];
@@ -246,7 +299,7 @@ impl WireFields {
             let value = value.strip_prefix(b" ").unwrap_or(value);
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name),
-                HeaderValue::from_maybe_shared(self.0.slice_ref(value)),
+                HeaderValue::from_maybe_shared(self.lines.slice_ref(value)),
             ) {
                 headers.append(name, value);
             }
@@ -316,7 +369,11 @@ mod tests {
         );
         // Read back as an HTTP/2 upstream gets them.
         let mut headers = HeaderMap::new();
-        WireFields(out.into()).append_to(&mut headers);
+        let fields = WireFields {
+            lines: out.into(),
+            date: false,
+        };
+        fields.append_to(&mut headers);
         Some(sorted(&headers))
     }
 
@@ -399,6 +456,53 @@ mod tests {
         }
     }
 
+    /// Parses a response head into its bytes and field spans, as `upstream::h1` does.
+    fn parse_response(head: &str) -> (Bytes, Vec<[usize; 4]>) {
+        let bytes = Bytes::copy_from_slice(head.as_bytes());
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 64];
+        let mut resp = httparse::Response::new(&mut []);
+        let status = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, &bytes, &mut slots)
+            .expect("test heads parse");
+        assert!(status.is_complete());
+        let spans = resp.headers.iter().map(|f| span(&bytes, f)).collect();
+        (bytes, spans)
+    }
+
+    /// What `proxy::exchange` does to the fields of an upstream response that is not traced.
+    fn answer(headers: &mut HeaderMap) {
+        forward::remove_hop_by_hop(headers, false);
+        crate::trace::strip(headers);
+        headers.insert(&forward::X_REQUEST_ID, HeaderValue::from_static("ours"));
+    }
+
+    /// A response to a plain request keeps in its map every field the proxy reads or edits, so the
+    /// client gets the same fields as from a whole header map.
+    #[test]
+    fn both_paths_answer_with_the_same_fields() {
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\nServer: s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\nX-Phoenix-Trace-Hop: forged\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\nConnection: close, keep-alive\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\nETag: \"x\"\r\nTE: trailers\r\n\r\n",
+        ] {
+            let (bytes, spans) = parse_response(head);
+            let mut whole = fields(&bytes, &spans, 0).unwrap();
+            answer(&mut whole);
+            let (mut map, lines) = split_response(&bytes, &spans).unwrap();
+            answer(&mut map);
+            assert_eq!(
+                lines.date,
+                head.contains("Date:"),
+                "the lines say whether they hold a Date: {head}"
+            );
+            lines.append_to(&mut map);
+            assert_eq!(sorted(&map), sorted(&whole), "{head}");
+        }
+        let (bytes, spans) =
+            parse_response("HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n");
+        assert!(split_response(&bytes, &spans).is_none());
+    }
+
     #[test]
     fn the_client_address_is_read_from_the_same_line_on_both_paths() {
         let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
@@ -406,7 +510,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 198.51.100.4, 10.1.1.1\r\n\r\n",
         );
         let scan = scan(&bytes, &spans).unwrap();
-        let line = scan.x_forwarded_for(&bytes);
+        let line = scan.x_forwarded_for;
         let headers = fields(&bytes, &spans, 0).unwrap();
         let peer: IpAddr = "10.0.0.3".parse().unwrap();
         let by_bytes = forward::client_ip_of(peer, line, &trusted);

@@ -397,7 +397,7 @@ impl Proxy {
             return None;
         }
         let scan = crate::plain::scan(head, spans)?;
-        let host_full = crate::plain::is_text(scan.host_value(head)?)?;
+        let host_full = scan.host;
         let host = host_without_port(host_full);
         if self.settings.require_host_matches_sni
             && conn
@@ -410,7 +410,7 @@ impl Proxy {
         let uri = http::Uri::from_maybe_shared(head.slice(target)).ok()?;
         let client_ip = forward::client_ip_of(
             conn.peer.ip(),
-            scan.x_forwarded_for(head),
+            scan.x_forwarded_for,
             &self.settings.trusted_proxies,
         );
         static NO_FIELDS: OnceLock<http::HeaderMap> = OnceLock::new();
@@ -456,9 +456,10 @@ impl Proxy {
         let mut request = Request::new(body::boxed(http_body_util::Full::new(body)));
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
-        request
-            .extensions_mut()
-            .insert(crate::plain::WireFields(Bytes::from(fields)));
+        request.extensions_mut().insert(crate::plain::WireFields {
+            lines: Bytes::from(fields),
+            date: false,
+        });
 
         let access_log = self.settings.access_log;
         let log = AccessLog {

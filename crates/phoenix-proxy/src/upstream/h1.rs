@@ -45,7 +45,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::body::{BoxError, UpstreamBody};
 use crate::forward::list_elements;
-use crate::plain::WireFields;
+use crate::plain::{split_response, WireFields};
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// Largest response head accepted from a server.
@@ -172,6 +172,8 @@ impl H1Conn {
             None => drop(body),
         }
         let head_request = parts.method == Method::HEAD;
+        // The response to a plain request keeps its ordinary fields as lines (see `plain`).
+        let plain = parts.extensions.get::<WireFields>().is_some();
         let mut write_error = None;
         let mut interim = 0;
         let head = poll_fn(|cx| {
@@ -187,7 +189,7 @@ impl H1Conn {
                     _ => {}
                 }
             }
-            self.poll_head(cx, head_request, upgrade, &mut interim)
+            self.poll_head(cx, head_request, upgrade, plain, &mut interim)
         })
         .await;
         let error = match head {
@@ -371,13 +373,18 @@ impl H1Conn {
         cx: &mut Context<'_>,
         head_request: bool,
         upgrade: bool,
+        plain: bool,
         interim: &mut usize,
     ) -> Poll<Result<(Response<()>, Decoder), H1Error>> {
         loop {
             if !self.read.is_empty() {
-                if let Some((response, decoder)) =
-                    parse_head(&mut self.read, &mut self.spans, head_request, upgrade)?
-                {
+                if let Some((response, decoder)) = parse_head(
+                    &mut self.read,
+                    &mut self.spans,
+                    head_request,
+                    upgrade,
+                    plain,
+                )? {
                     if response.status().is_informational()
                         && response.status() != StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -448,8 +455,8 @@ fn encode_head(req: &Request<UpstreamBody>, out: &mut Vec<u8>) -> Result<Option<
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     // A plain request's fields, written as they are (see `plain`; none of them frames the body).
-    if let Some(WireFields(fields)) = req.extensions().get::<WireFields>() {
-        out.extend_from_slice(fields);
+    if let Some(fields) = req.extensions().get::<WireFields>() {
+        out.extend_from_slice(&fields.lines);
     }
     if let Some(n) = framing {
         out.extend_from_slice(b"content-length: ");
@@ -499,11 +506,13 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
 
 /// Parses a response head at the start of `read`, and consumes it when it is complete.
 /// `spans` is scratch space kept by the connection, so that a head costs no allocation for it.
+/// `plain`: the response of a plain request, whose ordinary fields may stay lines (see `plain`).
 fn parse_head(
     read: &mut BytesMut,
     spans: &mut Vec<[usize; 4]>,
     head_request: bool,
     upgrade: bool,
+    plain: bool,
 ) -> Result<Option<(Response<()>, Decoder)>, H1Error> {
     // Uninitialised: a zeroed array of 100 fields would cost more than parsing a short head.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -533,12 +542,22 @@ fn parse_head(
     spans.clear();
     spans.extend(parsed.headers.iter().map(|field| span(read, field)));
     let head = read.split_to(len).freeze();
-    let headers = fields(&head, spans, 0).ok_or(H1Error::Malformed("invalid header field"))?;
+    let (headers, lines) = match plain.then(|| split_response(&head, spans)).flatten() {
+        Some((headers, lines)) => (headers, Some(lines)),
+        None => {
+            let headers =
+                fields(&head, spans, 0).ok_or(H1Error::Malformed("invalid header field"))?;
+            (headers, None)
+        }
+    };
     let decoder = framing(status, head_request, upgrade, &headers)?;
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
+    if let Some(lines) = lines {
+        response.extensions_mut().insert(lines);
+    }
     Ok(Some((response, decoder)))
 }
 
