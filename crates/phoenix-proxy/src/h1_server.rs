@@ -215,14 +215,14 @@ where
         let mut handling = Box::pin(async move {
             match request {
                 Ok(exchange) => proxy.exchange(exchange, info).await,
-                Err(request) => proxy.handle(request, info, refused).await,
+                Err(request) => (proxy.handle(request, info, refused).await, None),
             }
         });
         // The exchange's state is an allocation of its own, like the request's future: an idle
         // connection holds only what waiting for a head needs.
         let exchange = Box::pin(async {
             // A shutdown while the request is in flight lets it finish, then closes.
-            let response = loop {
+            let (response, lines) = loop {
                 let event = poll_fn(|cx| {
                     if let Poll::Ready(response) = handling.as_mut().poll(cx) {
                         return Poll::Ready(InFlight::Answered(response));
@@ -242,7 +242,7 @@ where
                 })
                 .await;
                 match event {
-                    InFlight::Answered(response) => break response,
+                    InFlight::Answered(answer) => break answer,
                     InFlight::Shutdown => draining = true,
                     InFlight::Left | InFlight::Force => return None,
                 }
@@ -256,7 +256,7 @@ where
                     .any(|v| has_token(v, "close"));
             let written = conn
                 .write_response(
-                    response,
+                    (response, lines),
                     head_request,
                     close,
                     head.trailers,
@@ -289,7 +289,8 @@ enum Waiting {
 
 /// What woke a connection whose request is in flight.
 enum InFlight {
-    Answered(Response<UpstreamBody>),
+    /// The response, and the fields of a plain exchange's response not in its map (`plain`).
+    Answered((Response<UpstreamBody>, Option<WireFields>)),
     /// The client closed its side (or the connection failed).
     Left,
     Shutdown,
@@ -447,9 +448,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     }
 
     /// Writes `response`; true when the connection can carry another exchange.
+    /// Writes `answer`: the response, and the fields of a plain exchange's response that are not in
+    /// its map (see `plain`).
     async fn write_response(
         &mut self,
-        response: Response<UpstreamBody>,
+        (response, lines): (Response<UpstreamBody>, Option<WireFields>),
         head_request: bool,
         close: bool,
         trailers: bool,
@@ -457,7 +460,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         force: &mut Pin<&mut impl Future<Output = ()>>,
     ) -> io::Result<bool> {
         let (parts, body) = response.into_parts();
-        let mut framing = encode_head(&mut self.write, &parts, &body, head_request, close);
+        let mut framing = encode_head(
+            &mut self.write,
+            &parts,
+            lines.as_ref(),
+            &body,
+            head_request,
+            close,
+        );
         let mut body = pin!(body);
         if framing == Framing::None {
             // HEAD, 204, 304: the body is not sent, whatever it holds.
@@ -523,6 +533,7 @@ enum Framing {
 fn encode_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
+    lines: Option<&WireFields>,
     body: &UpstreamBody,
     head_request: bool,
     close: bool,
@@ -556,7 +567,6 @@ fn encode_head(
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     // A plain exchange's ordinary fields (see `plain`): none of them frames or closes.
-    let lines = parts.extensions.get::<WireFields>();
     if let Some(lines) = lines {
         out.extend_from_slice(&lines.lines);
     }

@@ -35,6 +35,7 @@ use crate::config::{ListenerLimits, RetryConfig};
 use crate::forward::{self, ForwardInfo, X_REQUEST_ID};
 use crate::metrics::{Metrics, RouteMetrics, UpstreamHealth};
 use crate::middleware::RequestContext;
+use crate::plain::WireFields;
 use crate::rule::RequestView;
 use crate::table::{RouteTable, RouteTarget};
 use crate::upstream::{Service, UpstreamError, Upstreamed};
@@ -361,12 +362,14 @@ impl Proxy {
                 retry,
                 template,
                 version,
+                fields: None,
                 log,
                 guard,
             },
             conn,
         )
         .await
+        .0
     }
 
     /// Takes a plain HTTP/1.1 request by the plain path (see `plain`) when nothing in it needs
@@ -453,13 +456,13 @@ impl Proxy {
             &info,
             new_id.then(|| request_id.as_bytes()),
         );
+        let fields = WireFields {
+            lines: Bytes::from(fields),
+            date: false,
+        };
         let mut request = Request::new(body::boxed(http_body_util::Full::new(body)));
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
-        request.extensions_mut().insert(crate::plain::WireFields {
-            lines: Bytes::from(fields),
-            date: false,
-        });
 
         let access_log = self.settings.access_log;
         let log = AccessLog {
@@ -493,18 +496,20 @@ impl Proxy {
             retry: None,
             template: None,
             version: Version::HTTP_11,
+            fields: Some(fields),
             log,
             guard: conn.enter(),
         })
     }
 
     /// Sends a request that is routed and rewritten to its service, and makes the response the
-    /// client gets of what comes back.
+    /// client gets of what comes back, with the fields of a plain request's response that are not
+    /// in its header map (see `plain`).
     pub(crate) async fn exchange(
         self: &Arc<Self>,
         exchange: Exchange,
         conn: &Arc<ConnInfo>,
-    ) -> Response<UpstreamBody> {
+    ) -> (Response<UpstreamBody>, Option<WireFields>) {
         let Exchange {
             target,
             request: upstream_req,
@@ -515,6 +520,7 @@ impl Proxy {
             retry,
             template,
             version,
+            fields,
             mut log,
             guard,
         } = exchange;
@@ -525,7 +531,14 @@ impl Proxy {
         // request future into its connection state for every request; a pointer moves cheaply where
         // the whole state machine was copied (memmove was the top user-space symbol of the proxy in
         // profiles of bench/run.sh).
-        let result = Box::pin(send(&target.service, upstream_req, retry, template)).await;
+        let result = Box::pin(send(
+            &target.service,
+            upstream_req,
+            fields.as_ref(),
+            retry,
+            template,
+        ))
+        .await;
         let upstream_time = sent_at.map(|t| t.elapsed());
         match result {
             Ok(Upstreamed {
@@ -533,6 +546,7 @@ impl Proxy {
                 server,
             }) => {
                 log.upstream = Some(server);
+                let lines = response.body_mut().take_lines();
                 let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if switching {
                     if let (Some(client), Some(upstream)) =
@@ -565,7 +579,7 @@ impl Proxy {
                 }
                 rparts.headers.insert(&X_REQUEST_ID, request_id);
                 let resp = Response::from_parts(rparts, body::boxed(rbody));
-                self.finish(resp, log, guard)
+                (self.finish(resp, log, guard), lines)
             }
             Err(error) => {
                 let exceeded = body_fault.exceeded.load(Ordering::Relaxed);
@@ -603,7 +617,7 @@ impl Proxy {
                         upstream_time,
                     );
                 }
-                self.finish(resp, log, guard)
+                (self.finish(resp, log, guard), None)
             }
         }
     }
@@ -719,6 +733,8 @@ pub(crate) struct Exchange {
     template: Option<Template>,
     /// The client's HTTP version.
     version: Version,
+    /// A plain request's fields, which are not in its header map (see `plain`).
+    fields: Option<WireFields>,
     log: AccessLog,
     guard: InFlightGuard,
 }
@@ -727,11 +743,12 @@ pub(crate) struct Exchange {
 async fn send(
     service: &Arc<Service>,
     req: Request<UpstreamBody>,
+    fields: Option<&WireFields>,
     retry: Option<RetryConfig>,
     template: Option<Template>,
 ) -> Result<Upstreamed, UpstreamError> {
     let (Some(retry), Some((method, uri, version, headers))) = (retry, template) else {
-        return service.send(req).await;
+        return service.send_with(req, fields).await;
     };
     let mut wait = retry.initial_interval;
     let mut attempt = 1;

@@ -201,6 +201,7 @@ impl Endpoint {
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
+        mut fields: Option<&WireFields>,
         h2_wanted: bool,
         upgrade: bool,
         replayable: bool,
@@ -239,13 +240,13 @@ impl Endpoint {
             // What failed; the request if it came back unsent, or if it may be sent again.
             let (unsent, resend, source): (_, _, BoxError) = match conn {
                 Conn::H1(conn) => {
-                    prepare_h1(&mut req, &self.target);
-                    match conn.send(req, upgrade).await {
-                        Ok(mut resp) => {
+                    prepare_h1(&mut req, fields.is_some(), &self.target);
+                    match conn.send(req, fields, upgrade).await {
+                        Ok((mut resp, lines)) => {
                             if let Some(used) = used.take() {
                                 resp.extensions_mut().insert(used);
                             }
-                            return Ok(resp.map(|b| ResponseBody::h1(b, in_flight)));
+                            return Ok(resp.map(|b| ResponseBody::h1(b, lines, in_flight)));
                         }
                         Err(SendError::NotSent(req, e)) => (Some(*req), None, Box::new(e)),
                         Err(SendError::Sent(e, head)) => {
@@ -258,6 +259,11 @@ impl Endpoint {
                 }
                 Conn::H2(mut tx, generation) => {
                     h2_generation = Some(generation);
+                    // `Service::send_with` gives h2c services a plain request's fields in its map;
+                    // should any still come, they go into the map once.
+                    if let Some(fields) = fields.take() {
+                        fields.append_to(req.headers_mut());
+                    }
                     prepare_h2(&mut req, &self.target);
                     let copy = replayable.then(|| Replay::of(&req));
                     match tx.try_send_request(req).await {
@@ -559,11 +565,10 @@ where
 /// HTTP/1.1: origin-form URI; `Host` kept as the client sent it, or taken from an HTTP/2 client's
 /// `:authority`, or the server's own authority. Idempotent: a request given back unsent can be
 /// prepared again for another server.
-fn prepare_h1(req: &mut Request<UpstreamBody>, target: &Target) {
+/// `fields`: the request has a plain request's fields, which hold its Host (see `plain`).
+fn prepare_h1(req: &mut Request<UpstreamBody>, fields: bool, target: &Target) {
     let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    // A plain request's fields hold its Host (see `plain`).
-    let has_host =
-        req.headers().contains_key(header::HOST) || req.extensions().get::<WireFields>().is_some();
+    let has_host = fields || req.headers().contains_key(header::HOST);
     if !has_host {
         let authority = parts.authority.as_ref().unwrap_or(&target.authority);
         if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
@@ -583,9 +588,6 @@ fn prepare_h1(req: &mut Request<UpstreamBody>, target: &Target) {
 /// the client's own `:authority`), so the backend sees the same host as over HTTP/1.1. Connection
 /// headers, forbidden in HTTP/2, are dropped here rather than by hyper, which would log each one.
 fn prepare_h2(req: &mut Request<UpstreamBody>, target: &Target) {
-    if let Some(fields) = req.extensions_mut().remove::<WireFields>() {
-        fields.append_to(req.headers_mut());
-    }
     let host = req.headers_mut().remove(header::HOST);
     let headers = req.headers_mut();
     for name in [
@@ -633,18 +635,18 @@ mod tests {
     fn h1_gets_origin_form_and_keeps_the_client_host() {
         let t = parse("http://10.0.0.1:8080").unwrap();
         let mut r = req("/a/b?c=d", Some("app.phoenix.test"));
-        prepare_h1(&mut r, &t);
+        prepare_h1(&mut r, false, &t);
         assert_eq!(r.uri(), "/a/b?c=d");
         assert_eq!(r.headers()[header::HOST], "app.phoenix.test");
         assert_eq!(r.version(), Version::HTTP_11);
         // from an HTTP/2 client: authority becomes Host
         let mut r = req("https://api.phoenix.test/x", None);
-        prepare_h1(&mut r, &t);
+        prepare_h1(&mut r, false, &t);
         assert_eq!(r.uri(), "/x");
         assert_eq!(r.headers()[header::HOST], "api.phoenix.test");
         // nothing at all: the server's authority
         let mut r = req("/", None);
-        prepare_h1(&mut r, &t);
+        prepare_h1(&mut r, false, &t);
         assert_eq!(r.headers()[header::HOST], "10.0.0.1:8080");
     }
 
@@ -666,7 +668,7 @@ mod tests {
         let t2 = parse("https://10.0.0.2").unwrap();
         prepare_h2(&mut r, &t2);
         assert_eq!(r.uri(), "https://grpc.phoenix.test/pkg.Svc/Call");
-        prepare_h1(&mut r, &t2);
+        prepare_h1(&mut r, false, &t2);
         assert_eq!(r.uri(), "/pkg.Svc/Call");
         assert_eq!(r.headers()[header::HOST], "grpc.phoenix.test");
     }

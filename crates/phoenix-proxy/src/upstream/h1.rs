@@ -148,17 +148,20 @@ impl H1Conn {
     }
 
     /// Sends `req` (origin-form, with `Host`; see `endpoint::prepare_h1`) and waits for the final
-    /// response head. `upgrade`: the request asks to switch protocols, and a 101 is expected.
+    /// response head. `fields`: a plain request's fields, written after those of its map (see
+    /// `plain`); its response then keeps its ordinary fields as lines, given beside it.
+    /// `upgrade`: the request asks to switch protocols, and a 101 is expected.
     pub(crate) async fn send(
         mut self,
         req: Request<UpstreamBody>,
+        fields: Option<&WireFields>,
         upgrade: bool,
-    ) -> Result<Response<H1Body>, SendError> {
+    ) -> Result<Answer, SendError> {
         // An idle connection the server closed (or wrote to, which it must not) is not used.
         if let Some(error) = self.ended_while_idle() {
             return Err(SendError::NotSent(Box::new(req), error));
         }
-        let encoder = match encode_head(&req, &mut self.write) {
+        let encoder = match encode_head(&req, fields, &mut self.write) {
             Ok(encoder) => encoder,
             Err(error) => return Err(SendError::NotSent(Box::new(req), error)),
         };
@@ -172,8 +175,7 @@ impl H1Conn {
             None => drop(body),
         }
         let head_request = parts.method == Method::HEAD;
-        // The response to a plain request keeps its ordinary fields as lines (see `plain`).
-        let plain = parts.extensions.get::<WireFields>().is_some();
+        let plain = fields.is_some();
         let mut write_error = None;
         let mut interim = 0;
         let head = poll_fn(|cx| {
@@ -193,11 +195,12 @@ impl H1Conn {
         })
         .await;
         let error = match head {
-            Ok((head, decoder)) => {
-                return Ok(head.map(|()| H1Body {
+            Ok((head, decoder, lines)) => {
+                let response = head.map(|()| H1Body {
                     conn: self,
                     decoder,
-                }))
+                });
+                return Ok((response, lines));
             }
             Err(H1Error::Closed(_)) if write_error.is_some() => write_error.expect("checked"),
             Err(error) => error,
@@ -375,10 +378,10 @@ impl H1Conn {
         upgrade: bool,
         plain: bool,
         interim: &mut usize,
-    ) -> Poll<Result<(Response<()>, Decoder), H1Error>> {
+    ) -> Poll<Result<ParsedHead, H1Error>> {
         loop {
             if !self.read.is_empty() {
-                if let Some((response, decoder)) = parse_head(
+                if let Some((response, decoder, lines)) = parse_head(
                     &mut self.read,
                     &mut self.spans,
                     head_request,
@@ -401,7 +404,7 @@ impl H1Conn {
                     if decoder == Decoder::Eof {
                         self.reusable = false;
                     }
-                    return Poll::Ready(Ok((response, decoder)));
+                    return Poll::Ready(Ok((response, decoder, lines)));
                 }
                 if self.read.len() > MAX_HEAD {
                     return Poll::Ready(Err(H1Error::Malformed("response head too large")));
@@ -416,7 +419,11 @@ impl H1Conn {
 }
 
 /// Writes the request head into `out`; the body's framing, `None` when there is no body.
-fn encode_head(req: &Request<UpstreamBody>, out: &mut Vec<u8>) -> Result<Option<Encoder>, H1Error> {
+fn encode_head(
+    req: &Request<UpstreamBody>,
+    fields: Option<&WireFields>,
+    out: &mut Vec<u8>,
+) -> Result<Option<Encoder>, H1Error> {
     let headers = req.headers();
     let declared = match headers.get(header::CONTENT_LENGTH) {
         Some(value) => Some(
@@ -455,7 +462,7 @@ fn encode_head(req: &Request<UpstreamBody>, out: &mut Vec<u8>) -> Result<Option<
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     // A plain request's fields, written as they are (see `plain`; none of them frames the body).
-    if let Some(fields) = req.extensions().get::<WireFields>() {
+    if let Some(fields) = fields {
         out.extend_from_slice(&fields.lines);
     }
     if let Some(n) = framing {
@@ -504,6 +511,13 @@ fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
+/// A response, and its fields not in its header map (see `plain`).
+pub(crate) type Answer = (Response<H1Body>, Option<WireFields>);
+
+/// A response head: the response without its body, how the body is delimited, and the fields
+/// kept as lines (`plain`).
+type ParsedHead = (Response<()>, Decoder, Option<WireFields>);
+
 /// Parses a response head at the start of `read`, and consumes it when it is complete.
 /// `spans` is scratch space kept by the connection, so that a head costs no allocation for it.
 /// `plain`: the response of a plain request, whose ordinary fields may stay lines (see `plain`).
@@ -513,7 +527,7 @@ fn parse_head(
     head_request: bool,
     upgrade: bool,
     plain: bool,
-) -> Result<Option<(Response<()>, Decoder)>, H1Error> {
+) -> Result<Option<ParsedHead>, H1Error> {
     // Uninitialised: a zeroed array of 100 fields would cost more than parsing a short head.
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
@@ -555,10 +569,7 @@ fn parse_head(
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
-    if let Some(lines) = lines {
-        response.extensions_mut().insert(lines);
-    }
-    Ok(Some((response, decoder)))
+    Ok(Some((response, decoder, lines)))
 }
 
 /// How the response body is delimited (RFC 9112 6.3).
@@ -948,18 +959,18 @@ mod tests {
         server: &mut TcpStream,
         req: Request<UpstreamBody>,
         response: &[u8],
-    ) -> (Result<Response<H1Body>, SendError>, String) {
+    ) -> (Result<Answer, SendError>, String) {
         let respond = async {
             let head = read_until(server, b"\r\n\r\n").await;
             server.write_all(response).await.unwrap();
             head
         };
-        tokio::join!(conn.send(req, false), respond)
+        tokio::join!(conn.send(req, None, false), respond)
     }
 
-    fn sent(result: Result<Response<H1Body>, SendError>) -> Response<H1Body> {
+    fn sent(result: Result<Answer, SendError>) -> Response<H1Body> {
         match result {
-            Ok(response) => response,
+            Ok((response, _)) => response,
             Err(SendError::NotSent(_, e) | SendError::Sent(e, _)) => panic!("exchange failed: {e}"),
         }
     }
@@ -1042,7 +1053,7 @@ mod tests {
             head
         };
         let exchange = async {
-            let mut response = sent(conn.send(get("/"), false).await);
+            let mut response = sent(conn.send(get("/"), None, false).await);
             let data = collect(response.body_mut()).await.unwrap().0;
             (data, response.into_body().into_reusable().is_some())
         };
@@ -1204,7 +1215,7 @@ mod tests {
             // The client stops reading; a write that cannot finish is not an error here.
             let _ = server.write_all(&response).await;
         };
-        let (result, ()) = tokio::join!(conn.send(get("/"), false), respond);
+        let (result, ()) = tokio::join!(conn.send(get("/"), None, false), respond);
         assert!(matches!(
             result,
             Err(SendError::Sent(H1Error::Malformed(_), _))
@@ -1260,7 +1271,7 @@ mod tests {
         let mut req = get("/again");
         req.headers_mut()
             .insert("x-id", HeaderValue::from_static("42"));
-        match conn.send(req, false).await {
+        match conn.send(req, None, false).await {
             Err(SendError::NotSent(req, H1Error::Closed(_))) => {
                 assert_eq!(req.uri(), "/again");
                 assert_eq!(req.headers()["x-id"], "42");
@@ -1296,7 +1307,7 @@ mod tests {
                 .unwrap();
             (head, body)
         };
-        let (result, (head, body)) = tokio::join!(conn.send(req, false), respond);
+        let (result, (head, body)) = tokio::join!(conn.send(req, None, false), respond);
         assert!(
             head.ends_with("transfer-encoding: chunked\r\n\r\n"),
             "{head}"
@@ -1320,7 +1331,7 @@ mod tests {
                 .unwrap();
             (head, body)
         };
-        let (result, (head, body)) = tokio::join!(conn.send(req, false), respond);
+        let (result, (head, body)) = tokio::join!(conn.send(req, None, false), respond);
         assert!(head.contains("content-length: 5\r\n"), "{head}");
         assert!(!head.contains("transfer-encoding"), "{head}");
         assert_eq!(body, "hello");
@@ -1367,7 +1378,7 @@ mod tests {
             let _ = server.read_to_end(&mut rest).await;
             rest
         };
-        let (result, rest) = tokio::join!(conn.send(req, false), server_side);
+        let (result, rest) = tokio::join!(conn.send(req, None, false), server_side);
         assert!(matches!(
             result,
             Err(SendError::Sent(H1Error::RequestBody(_), None))
@@ -1391,7 +1402,7 @@ mod tests {
                 .await
                 .unwrap();
         };
-        let (result, ()) = tokio::join!(conn.send(req, false), respond);
+        let (result, ()) = tokio::join!(conn.send(req, None, false), respond);
         let mut response = sent(result);
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(collect(response.body_mut()).await.unwrap().0, b"big");
@@ -1414,7 +1425,7 @@ mod tests {
                 .await
                 .unwrap();
         };
-        let (result, ()) = tokio::join!(conn.send(req, true), respond);
+        let (result, ()) = tokio::join!(conn.send(req, None, true), respond);
         let response = sent(result);
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
         let mut io = response.into_body().into_upgraded().expect("upgraded");

@@ -201,7 +201,7 @@ async fn check(ep: &Arc<Endpoint>, cfg: &HealthConfig) -> Result<(), String> {
     let req = request()?;
     let attempt = async {
         let response = ep
-            .send(req, false, false, true)
+            .send(req, None, false, false, true)
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();

@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{BoxError, UpstreamBody};
 use crate::config::{Problem, ServiceConfig};
+use crate::plain::WireFields;
 use crate::tls;
 use balance::Balancer;
 use endpoint::{AttemptError, Endpoint, TlsSettings};
@@ -136,6 +137,8 @@ pub struct Service {
     timeout: Duration,
     checks_started: AtomicBool,
     reaper_started: AtomicBool,
+    /// Some server is reached over h2c, where a plain request's fields must be in its map.
+    h2c: bool,
 }
 
 impl fmt::Debug for Service {
@@ -289,6 +292,9 @@ impl Service {
             );
         }
         let weights: Box<[u32]> = endpoints.iter().map(|e| e.weight).collect();
+        let h2c = endpoints
+            .iter()
+            .any(|e| e.target.protocol == target::Protocol::H2c);
         Ok(Arc::new(Service {
             config: cfg.clone(),
             balancer: Balancer::new(cfg.load_balancer, endpoints.len()),
@@ -297,6 +303,7 @@ impl Service {
             timeout: cfg.timeout.unwrap_or(ctx.default_timeout),
             checks_started: AtomicBool::new(false),
             reaper_started: AtomicBool::new(false),
+            h2c,
         }))
     }
 
@@ -340,12 +347,29 @@ impl Service {
     /// The request's version says what the client spoke: an HTTP/2 request goes over HTTP/2 to an
     /// `https://` server that offers it. Requests with an `Upgrade` header always use HTTP/1.1.
     pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Upstreamed, UpstreamError> {
+        self.send_with(req, None).await
+    }
+
+    /// `send`, for a plain request whose `fields` are not in its header map (see `plain`).
+    pub(crate) async fn send_with(
+        &self,
+        mut req: Request<UpstreamBody>,
+        fields: Option<&WireFields>,
+    ) -> Result<Upstreamed, UpstreamError> {
+        // HTTP/1.1 servers get the fields as they are; an h2c server needs them in the map.
+        let fields = match fields {
+            Some(fields) if self.h2c => {
+                fields.append_to(req.headers_mut());
+                None
+            }
+            fields => fields,
+        };
         if !self.reaper_started.load(Ordering::Relaxed) {
             self.start_reaper();
         }
         let mut last = None;
         // Boxed so that wrapping it in the timeout moves a pointer, not the attempt's state machine.
-        let attempts = Box::pin(self.send_with_retries(req, &mut last));
+        let attempts = Box::pin(self.send_with_retries(req, fields, &mut last));
         match tokio::time::timeout(self.timeout, attempts).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
@@ -385,6 +409,7 @@ impl Service {
     async fn send_with_retries(
         &self,
         req: Request<UpstreamBody>,
+        fields: Option<&WireFields>,
         last: &mut Option<usize>,
     ) -> Result<Upstreamed, UpstreamError> {
         let upgrade = req.headers().contains_key(header::UPGRADE);
@@ -400,7 +425,7 @@ impl Service {
             let i = self.pick(&tried).ok_or(UpstreamError::NoHealthyServer)?;
             *last = Some(i);
             let ep = &self.endpoints[i];
-            let error = match ep.send(req, h2_wanted, upgrade, replayable).await {
+            let error = match ep.send(req, fields, h2_wanted, upgrade, replayable).await {
                 Ok(response) => {
                     if ep.health.request_succeeded() == Transition::Up {
                         tracing::info!(service = %ep.service, server = %ep.url, "upstream server answers again and is back in rotation");
@@ -599,7 +624,7 @@ mod tests {
         let service = Service::new(&service(&["http://127.0.0.1:1"]), &ctx()).unwrap();
         let mut last = None;
         let req = Request::new(crate::body::empty());
-        let future = service.send_with_retries(req, &mut last);
+        let future = service.send_with_retries(req, None, &mut last);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 3072, "send_with_retries future is {size} bytes");
     }

@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use super::endpoint::Endpoint;
 use super::h1::{H1Body, Upgraded};
 use crate::body::BoxError;
+use crate::plain::WireFields;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -57,11 +58,15 @@ enum Inner {
 pub struct ResponseBody {
     inner: Inner,
     in_flight: Option<InFlight>,
+    /// The response's fields that are not in its header map (see `plain`).
+    lines: Option<WireFields>,
 }
 
 impl ResponseBody {
-    pub(crate) fn h1(body: H1Body, in_flight: InFlight) -> ResponseBody {
+    /// `lines`: the response's fields not in its header map (see `plain`).
+    pub(crate) fn h1(body: H1Body, lines: Option<WireFields>, in_flight: InFlight) -> ResponseBody {
         ResponseBody {
+            lines,
             inner: Inner::H1(body),
             in_flight: Some(in_flight),
         }
@@ -71,7 +76,14 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::H2(body),
             in_flight: Some(in_flight),
+            lines: None,
         }
+    }
+
+    /// The response's fields that are not in its header map: the ordinary fields of the response
+    /// to a plain request, which the client must get too (see `plain`).
+    pub(crate) fn take_lines(&mut self) -> Option<WireFields> {
+        self.lines.take()
     }
 
     /// The upstream's socket after a `101 Switching Protocols` (HTTP/1.1 only: an upgrade does not
