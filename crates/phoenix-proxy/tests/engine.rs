@@ -544,6 +544,22 @@ async fn forwarded_headers_replaced_from_untrusted_and_appended_from_trusted_pee
     );
 }
 
+/// A POST with forged forwarding fields, hop-by-hop fields and ordinary ones.
+fn forged_post(client: &reqwest::Client, mesh: &Mesh) -> reqwest::RequestBuilder {
+    client
+        .post(url("app.phoenix.test", mesh.addr, "/p?q=1"))
+        .header("x-forwarded-for", "203.0.113.9, 10.0.0.2")
+        .header("x-forwarded-proto", "http")
+        .header("x-forwarded-host", "outer.test")
+        .header("forwarded", "for=203.0.113.9;proto=http")
+        .header("x-request-id", "same-id")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic eA==")
+        .header("x-custom", "a")
+        .header("cookie", "b=2")
+        .body("four")
+}
+
 /// HTTP/1.1 requests to a route without middleware take the plain path, which writes the
 /// upstream head from the request's bytes; HTTP/2 requests take the header-map path. The backend
 /// must see the same fields either way, from an untrusted and from a trusted peer.
@@ -563,6 +579,22 @@ async fn plain_and_header_map_paths_forward_the_same_fields() {
         };
         let mesh = start_mesh(&pki, &routing, opts).await;
         let (mut seen, mut answered) = (Vec::new(), Vec::new());
+        // The same requests to the same backend reached over h2c: a plain request's fields go into
+        // its header map there.
+        let h2c_routing = RoutingConfig {
+            services: vec![service("app", &[format!("h2c://{}", app.addr)])],
+            routes: Vec::new(),
+            ..routing.clone()
+        };
+        let h2c_mesh = start_mesh(
+            &pki,
+            &h2c_routing,
+            MeshOptions {
+                trusted_proxies: if trusted { loopback() } else { Vec::new() },
+                ..Default::default()
+            },
+        )
+        .await;
         for (client, version) in [
             (
                 client_builder(&pki, mesh.addr)
@@ -573,23 +605,20 @@ async fn plain_and_header_map_paths_forward_the_same_fields() {
             ),
             (client(&pki, mesh.addr), reqwest::Version::HTTP_2),
         ] {
-            let resp = client
-                .post(url("app.phoenix.test", mesh.addr, "/p?q=1"))
-                .header("x-forwarded-for", "203.0.113.9, 10.0.0.2")
-                .header("x-forwarded-proto", "http")
-                .header("x-forwarded-host", "outer.test")
-                .header("forwarded", "for=203.0.113.9;proto=http")
-                .header("x-request-id", "same-id")
-                .header("keep-alive", "timeout=5")
-                .header("proxy-authorization", "Basic eA==")
-                .header("x-custom", "a")
-                .header("cookie", "b=2")
-                .body("four")
-                .send()
-                .await
-                .unwrap();
+            let resp = forged_post(&client, &mesh).send().await.unwrap();
             assert_eq!(resp.version(), version);
             assert_eq!(resp.headers()["x-request-id"], "same-id");
+            if version == reqwest::Version::HTTP_11 {
+                let over_h2c: Value = forged_post(&client, &h2c_mesh)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert_eq!(over_h2c["version"], "HTTP/2.0", "{over_h2c}");
+                seen.push(over_h2c["headers"].clone());
+            }
             // The response's fields, as the client got them (the date may tick between the two).
             let mut fields: Vec<(String, String)> = resp
                 .headers()
@@ -603,14 +632,31 @@ async fn plain_and_header_map_paths_forward_the_same_fields() {
             assert_eq!(json["body_bytes"], 4, "{json}");
             seen.push(json["headers"].clone());
         }
-        assert_eq!(seen[0], seen[1], "trusted: {trusted}");
+        // HTTP/1.1 in and h2c out (which carries the host as :authority, and whose mesh has another
+        // port), HTTP/1.1 in and out, HTTP/2 in and HTTP/1.1 out.
+        let without_host = |fields: &Value| {
+            let mut fields = fields.as_object().unwrap().clone();
+            fields.remove("host");
+            fields.remove("x-forwarded-host");
+            fields.remove("forwarded");
+            fields
+        };
+        let [over_h2c, plain, by_map] = &seen[..] else {
+            panic!("three requests were made")
+        };
+        assert_eq!(plain, by_map, "trusted: {trusted}");
+        assert_eq!(
+            without_host(plain),
+            without_host(over_h2c),
+            "trusted: {trusted}"
+        );
         assert_eq!(answered[0], answered[1], "trusted: {trusted}");
         assert!(
             answered[0].iter().any(|(n, _)| n == "content-type"),
             "{:?}",
             answered[0]
         );
-        let fields = seen[0].as_object().unwrap();
+        let fields = plain.as_object().unwrap();
         assert!(fields.get("keep-alive").is_none(), "{fields:?}");
         assert!(fields.get("proxy-authorization").is_none(), "{fields:?}");
         assert_eq!(fields["x-custom"], serde_json::json!(["a"]));
