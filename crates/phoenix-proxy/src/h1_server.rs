@@ -176,25 +176,14 @@ where
             }
         };
 
-        // The request, with its body (all of it is in the buffer).
-        let bytes = conn.read.split_to(head.len).freeze();
-        let body = conn.read.split_to(head.body).freeze();
-        // A request the framing scanner refuses takes the header-map path, which answers it.
-        let plain = match verdicts.refuses_next() {
-            false => proxy.plain(
-                info,
-                &bytes,
-                &spans,
-                &head.method,
-                head.target.clone(),
-                body.clone(),
-            ),
-            true => None,
-        };
-        let request = match plain {
-            Some(exchange) => Ok(exchange),
-            None => match request(&bytes, &head, &spans) {
-                Some(request) => Err(request.map(|()| Full::new(body))),
+        // The request, with its body (all of it is in the buffer). In a block, so that no more of
+        // it than the boxed future outlives the block in this (long-lived) function's state.
+        let head_request = head.method == Method::HEAD;
+        let mut handling = {
+            let bytes = conn.read.split_to(head.len).freeze();
+            let body = conn.read.split_to(head.body).freeze();
+            match start(proxy, info, verdicts, &bytes, &body, &head, &spans) {
+                Some(handling) => handling,
                 None => {
                     // A field or target the http types refuse: hyper answers it, from its first
                     // byte.
@@ -205,19 +194,8 @@ where
                     read.extend_from_slice(&conn.read);
                     return Served::Handover(conn.io, read);
                 }
-            },
-        };
-        // Counted only now: a request handed over to hyper is counted there.
-        let refused = verdicts.next_request();
-        let head_request = head.method == Method::HEAD;
-        // Boxed, as hyper boxes it: inline, the request's future (several KB) would be part of
-        // every connection, the idle ones included.
-        let mut handling = Box::pin(async move {
-            match request {
-                Ok(exchange) => proxy.exchange(exchange, info).await,
-                Err(request) => (proxy.handle(request, info, refused).await, None),
             }
-        });
+        };
         // The exchange's state is an allocation of its own, like the request's future: an idle
         // connection holds only what waiting for a head needs.
         let exchange = Box::pin(async {
@@ -279,6 +257,49 @@ where
     }
 }
 
+/// The response, and the fields of a plain exchange's response not in its map (`plain`).
+type Answer = (Response<UpstreamBody>, Option<WireFields>);
+
+/// Starts the request of `head` (its bytes `bytes`, its body `body`): by the plain path when it
+/// takes it, by the header-map path otherwise; `None` when the http types refuse a field or the
+/// target, for hyper to answer. The future is boxed, as hyper boxes it: inline, it (several KB)
+/// would be part of every connection, the idle ones included; and this is a function of its own
+/// so that what it builds is not part of `serve`'s state either.
+fn start<'a>(
+    proxy: &'a Arc<Proxy>,
+    info: &'a Arc<ConnInfo>,
+    verdicts: &Verdicts,
+    bytes: &Bytes,
+    body: &Bytes,
+    head: &Head,
+    spans: &[[usize; 4]],
+) -> Option<Pin<Box<impl Future<Output = Answer> + 'a>>> {
+    // A request the framing scanner refuses takes the header-map path, which answers it.
+    let plain = match verdicts.refuses_next() {
+        false => proxy.plain(
+            info,
+            bytes,
+            spans,
+            &head.method,
+            head.target.clone(),
+            body.clone(),
+        ),
+        true => None,
+    };
+    let request = match plain {
+        Some(exchange) => Ok(exchange),
+        None => Err(request(bytes, head, spans)?.map(|()| Full::new(body.clone()))),
+    };
+    // Counted only now: a request handed over to hyper is counted there.
+    let refused = verdicts.next_request();
+    Some(Box::pin(async move {
+        match request {
+            Ok(exchange) => proxy.exchange(exchange, info).await,
+            Err(request) => (proxy.handle(request, info, refused).await, None),
+        }
+    }))
+}
+
 /// What woke a connection waiting for a request head.
 enum Waiting {
     Read(io::Result<usize>),
@@ -289,8 +310,7 @@ enum Waiting {
 
 /// What woke a connection whose request is in flight.
 enum InFlight {
-    /// The response, and the fields of a plain exchange's response not in its map (`plain`).
-    Answered((Response<UpstreamBody>, Option<WireFields>)),
+    Answered(Answer),
     /// The client closed its side (or the connection failed).
     Left,
     Shutdown,
