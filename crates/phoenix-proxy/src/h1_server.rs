@@ -308,7 +308,9 @@ enum Waiting {
     Timer,
 }
 
-/// What woke a connection whose request is in flight.
+/// What woke a connection whose request is in flight. (The answer is moved out once per request;
+/// boxing it to even out the variants would cost an allocation per request instead.)
+#[allow(clippy::large_enum_variant)]
 enum InFlight {
     Answered(Answer),
     /// The client closed its side (or the connection failed).
@@ -568,7 +570,8 @@ fn encode_head(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let mut declared = None;
+    // A plain response whose fields are all lines says its length beside them (see `plain`).
+    let mut declared = lines.and_then(|l| l.framing).and_then(|f| f.length);
     let mut closing = false;
     for (name, value) in &parts.headers {
         if name == header::TRANSFER_ENCODING {
@@ -589,6 +592,9 @@ fn encode_head(
     // A plain exchange's ordinary fields (see `plain`): none of them frames or closes.
     if let Some(lines) = lines {
         out.extend_from_slice(&lines.lines);
+        if let Some(id) = &lines.request_id {
+            push_field(out, b"x-request-id", id.as_bytes());
+        }
     }
     if !(parts.headers.contains_key(header::DATE) || lines.is_some_and(|l| l.date)) {
         date::with(|date| push_field(out, b"date", date));

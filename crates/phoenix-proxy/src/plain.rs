@@ -228,6 +228,34 @@ pub(crate) struct WireFields {
     pub(crate) lines: Bytes,
     /// A `Date` field is among the lines.
     pub(crate) date: bool,
+    /// A response whose fields are all lines (its header map is empty): what the fields read by
+    /// name said, `Content-Length` (which is also among the lines) and `Connection` (which is not,
+    /// being hop-by-hop, like `Keep-Alive`). See [`split_response`].
+    pub(crate) framing: Option<LineFraming>,
+    /// The request id to answer with, when the response's header map is empty
+    /// (`proxy::exchange` then leaves the map unallocated).
+    pub(crate) request_id: Option<HeaderValue>,
+}
+
+impl WireFields {
+    /// A plain request's fields.
+    pub(crate) fn request(lines: Bytes) -> WireFields {
+        WireFields {
+            lines,
+            date: false,
+            framing: None,
+            request_id: None,
+        }
+    }
+}
+
+/// The fields read by name of a response that has no others: see [`WireFields::framing`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LineFraming {
+    pub(crate) length: Option<u64>,
+    /// `Connection: close`, `Connection: keep-alive`.
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
 }
 
 /// Whether a response field is one some code reads or edits by name, and so stays in the
@@ -252,13 +280,42 @@ fn read_by_name(name: &[u8]) -> bool {
 }
 
 /// The response head of a plain request, its fields at `spans` of `head`: a header map of the
-/// fields read by name, and the others as lines. `None` when the head needs a whole header map:
-/// its `Connection` names other fields, which the header-map path removes by name, or a field is
-/// one the http types refuse (which `wire::fields` then reports).
+/// fields read by name, and the others as lines. The common response, whose only fields read by
+/// name are one `Content-Length` of digits, `Connection` and `Keep-Alive`, gets no map at all: its
+/// length and connection options go with the lines ([`WireFields::framing`]), and its hop-by-hop
+/// fields are dropped, as the header-map path would drop them. `None` when the head needs a whole
+/// header map: its `Connection` names other fields, which the header-map path removes by name, or
+/// a field is one the http types refuse (which `wire::fields` then reports).
 pub(crate) fn split_response(
     head: &Bytes,
     spans: &[[usize; 4]],
 ) -> Option<(HeaderMap, WireFields)> {
+    // First, whether every field read by name is one of the common three.
+    let mut framing = Some(LineFraming::default());
+    for &[name_start, name_end, value_start, value_end] in spans {
+        let name = &head[name_start..name_end];
+        if !read_by_name(name) {
+            continue;
+        }
+        let value = &head[value_start..value_end];
+        let Some(common) = framing.as_mut() else {
+            break;
+        };
+        if name.eq_ignore_ascii_case(b"connection") {
+            for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                common.close |= option.eq_ignore_ascii_case(b"close");
+                common.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") && common.length.is_none() {
+            // The digits `h1_server` takes as a length, so that it frames the body by this one.
+            common.length = Some(crate::wire::decimal(value, 15)).flatten();
+            if common.length.is_none() {
+                framing = None;
+            }
+        } else if !name.eq_ignore_ascii_case(b"keep-alive") {
+            framing = None;
+        }
+    }
     let mut headers = HeaderMap::new();
     let mut lines = Vec::with_capacity(head.len());
     let mut date = false;
@@ -269,17 +326,41 @@ pub(crate) fn split_response(
             if name.eq_ignore_ascii_case(b"connection") && !only_hop_by_hop(value) {
                 return None;
             }
-            headers.append(
-                HeaderName::from_bytes(name).ok()?,
-                HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?,
-            );
+            if framing.is_none() {
+                headers.append(
+                    HeaderName::from_bytes(name).ok()?,
+                    HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?,
+                );
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                push_field(&mut lines, name, value);
+            }
         } else {
             date |= name.eq_ignore_ascii_case(b"date");
             push_field(&mut lines, name, value);
         }
     }
-    let lines = Bytes::from(lines);
-    Some((headers, WireFields { lines, date }))
+    let fields = WireFields {
+        lines: Bytes::from(lines),
+        date,
+        framing,
+        request_id: None,
+    };
+    Some((headers, fields))
+}
+
+/// Sets the `X-Request-Id` a response is answered with: beside its lines when all its fields are
+/// lines (its map stays unallocated), in its map otherwise.
+pub(crate) fn set_request_id(
+    headers: &mut HeaderMap,
+    lines: Option<&mut WireFields>,
+    id: HeaderValue,
+) {
+    match lines {
+        Some(lines) if headers.is_empty() => lines.request_id = Some(id),
+        _ => {
+            headers.insert(&crate::forward::X_REQUEST_ID, id);
+        }
+    }
 }
 
 impl WireFields {
@@ -369,11 +450,7 @@ mod tests {
         );
         // Read back as an HTTP/2 upstream gets them.
         let mut headers = HeaderMap::new();
-        let fields = WireFields {
-            lines: out.into(),
-            date: false,
-        };
-        fields.append_to(&mut headers);
+        WireFields::request(out.into()).append_to(&mut headers);
         Some(sorted(&headers))
     }
 
@@ -469,34 +546,70 @@ mod tests {
         (bytes, spans)
     }
 
-    /// What `proxy::exchange` does to the fields of an upstream response that is not traced.
-    fn answer(headers: &mut HeaderMap) {
-        forward::remove_hop_by_hop(headers, false);
-        crate::trace::strip(headers);
-        headers.insert(&forward::X_REQUEST_ID, HeaderValue::from_static("ours"));
+    /// The fields a client gets of an upstream response that is not traced: `proxy::exchange`'s
+    /// edits, then what `h1_server` writes (the map's fields, the lines, the request id).
+    fn answered(mut headers: HeaderMap, mut lines: Option<WireFields>) -> Vec<(String, String)> {
+        forward::remove_hop_by_hop(&mut headers, false);
+        crate::trace::strip(&mut headers);
+        set_request_id(
+            &mut headers,
+            lines.as_mut(),
+            HeaderValue::from_static("ours"),
+        );
+        if let Some(lines) = lines {
+            lines.append_to(&mut headers);
+            if let Some(id) = lines.request_id {
+                headers.append(&forward::X_REQUEST_ID, id);
+            }
+        }
+        sorted(&headers)
     }
 
-    /// A response to a plain request keeps in its map every field the proxy reads or edits, so the
+    /// A response to a plain request keeps in its map every field the proxy reads or edits, or,
+    /// when those are only its length and connection options, has no map at all; either way the
     /// client gets the same fields as from a whole header map.
     #[test]
     fn both_paths_answer_with_the_same_fields() {
-        for head in [
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\nServer: s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\nX-Phoenix-Trace-Hop: forged\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\nConnection: close, keep-alive\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\n\r\n",
-            "HTTP/1.1 204 No Content\r\nETag: \"x\"\r\nTE: trailers\r\n\r\n",
+        let no_map = |length, close, keep_alive| {
+            Some(LineFraming {
+                length,
+                close,
+                keep_alive,
+            })
+        };
+        for (head, framing) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\nServer: s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\nX-Phoenix-Trace-Hop: forged\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+                None,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\nConnection: close, keep-alive\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\n\r\n",
+                None,
+            ),
+            ("HTTP/1.1 204 No Content\r\nETag: \"x\"\r\nTE: trailers\r\n\r\n", None),
+            (
+                "HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 19\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\nSet-Cookie: a=1\r\n\r\n",
+                no_map(Some(19), false, true),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: Close\r\n\r\n",
+                no_map(Some(2), true, false),
+            ),
+            ("HTTP/1.1 200 OK\r\nServer: s\r\n\r\n", no_map(None, false, false)),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", None),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\n", None),
         ] {
             let (bytes, spans) = parse_response(head);
-            let mut whole = fields(&bytes, &spans, 0).unwrap();
-            answer(&mut whole);
-            let (mut map, lines) = split_response(&bytes, &spans).unwrap();
-            answer(&mut map);
+            let whole = fields(&bytes, &spans, 0).unwrap();
+            let (map, lines) = split_response(&bytes, &spans).unwrap();
+            assert_eq!(lines.framing, framing, "{head}");
+            assert_eq!(map.is_empty(), framing.is_some(), "{head}");
             assert_eq!(
                 lines.date,
                 head.contains("Date:"),
                 "the lines say whether they hold a Date: {head}"
             );
-            lines.append_to(&mut map);
-            assert_eq!(sorted(&map), sorted(&whole), "{head}");
+            assert_eq!(answered(map, Some(lines)), answered(whole, None), "{head}");
         }
         let (bytes, spans) =
             parse_response("HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n");

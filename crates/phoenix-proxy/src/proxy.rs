@@ -456,10 +456,7 @@ impl Proxy {
             &info,
             new_id.then(|| request_id.as_bytes()),
         );
-        let fields = WireFields {
-            lines: Bytes::from(fields),
-            date: false,
-        };
+        let fields = WireFields::request(Bytes::from(fields));
         let mut request = Request::new(body::boxed(http_body_util::Full::new(body)));
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri;
@@ -577,7 +574,8 @@ impl Proxy {
                     }
                     None => crate::trace::strip(&mut rparts.headers),
                 }
-                rparts.headers.insert(&X_REQUEST_ID, request_id);
+                let mut lines = lines;
+                crate::plain::set_request_id(&mut rparts.headers, lines.as_mut(), request_id);
                 let resp = Response::from_parts(rparts, body::boxed(rbody));
                 (self.finish(resp, log, guard), lines)
             }

@@ -398,7 +398,11 @@ impl H1Conn {
                         }
                         continue;
                     }
-                    if !keeps_alive(response.version(), response.headers()) {
+                    let options = match lines.as_ref().and_then(|l| l.framing) {
+                        Some(framing) => (framing.close, framing.keep_alive),
+                        None => connection_options(response.headers()),
+                    };
+                    if !keeps_alive(response.version(), options) {
                         self.reusable = false;
                     }
                     if decoder == Decoder::Eof {
@@ -498,13 +502,20 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 }
 
 /// Whether the server keeps the connection open after this response (RFC 9112 9.3).
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+/// Whether `Connection` says `close`, and whether it says `keep-alive`.
+fn connection_options(headers: &HeaderMap) -> (bool, bool) {
     let mut close = false;
     let mut keep_alive = false;
     for token in list_elements(headers.get_all(header::CONNECTION)) {
         close |= token.eq_ignore_ascii_case("close");
         keep_alive |= token.eq_ignore_ascii_case("keep-alive");
     }
+    (close, keep_alive)
+}
+
+/// Whether the connection carries another exchange, by the response's version and its
+/// `Connection` options (`close`, `keep-alive`).
+fn keeps_alive(version: Version, (close, keep_alive): (bool, bool)) -> bool {
     match version {
         Version::HTTP_11 => !close,
         _ => keep_alive && !close,
@@ -564,7 +575,15 @@ fn parse_head(
             (headers, None)
         }
     };
-    let decoder = framing(status, head_request, upgrade, &headers)?;
+    let decoder = match lines.as_ref().and_then(|l| l.framing) {
+        // Every field is a line; the length is the one field that delimits the body.
+        Some(framing) => decoder(status, head_request, upgrade, || {
+            Ok(framing
+                .length
+                .map_or(Delimited::Unframed, Delimited::Length))
+        })?,
+        None => framing(status, head_request, upgrade, &headers)?,
+    };
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
@@ -578,6 +597,47 @@ fn framing(
     head_request: bool,
     upgrade: bool,
     headers: &HeaderMap,
+) -> Result<Decoder, H1Error> {
+    decoder(status, head_request, upgrade, || {
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            let mut codings = list_elements(headers.get_all(header::TRANSFER_ENCODING));
+            let chunked = codings
+                .next()
+                .is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
+            // Any other coding would reach the client undecoded under a removed header.
+            if !chunked || codings.next().is_some() {
+                return Err(H1Error::Malformed("Transfer-Encoding other than chunked"));
+            }
+            return Ok(Delimited::Chunked);
+        }
+        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+        let Some(first) = lengths.next() else {
+            return Ok(Delimited::Unframed);
+        };
+        let n =
+            parse_length(first.as_bytes()).ok_or(H1Error::Malformed("invalid Content-Length"))?;
+        if lengths.any(|v| parse_length(v.as_bytes()) != Some(n)) {
+            return Err(H1Error::Malformed("conflicting Content-Length"));
+        }
+        Ok(Delimited::Length(n))
+    })
+}
+
+/// What a response's fields say about its body's end, before its status has its say.
+enum Delimited {
+    Chunked,
+    Length(u64),
+    /// Neither: the body lasts until the connection closes.
+    Unframed,
+}
+
+/// The decoder of a response's body: by its status first, then by `delimited`, which reads the
+/// fields (only when the status lets the body have any, so that their errors do not count then).
+fn decoder(
+    status: StatusCode,
+    head_request: bool,
+    upgrade: bool,
+    delimited: impl FnOnce() -> Result<Delimited, H1Error>,
 ) -> Result<Decoder, H1Error> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         if !upgrade {
@@ -594,29 +654,11 @@ fn framing(
     {
         return Ok(Decoder::Done);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let mut codings = list_elements(headers.get_all(header::TRANSFER_ENCODING));
-        let chunked = codings
-            .next()
-            .is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
-        // Any other coding would reach the client undecoded under a removed header.
-        if !chunked || codings.next().is_some() {
-            return Err(H1Error::Malformed("Transfer-Encoding other than chunked"));
-        }
-        return Ok(Decoder::Chunked(Chunk::Size));
-    }
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = lengths.next() else {
-        return Ok(Decoder::Eof);
-    };
-    let n = parse_length(first.as_bytes()).ok_or(H1Error::Malformed("invalid Content-Length"))?;
-    if lengths.any(|v| parse_length(v.as_bytes()) != Some(n)) {
-        return Err(H1Error::Malformed("conflicting Content-Length"));
-    }
-    Ok(if n == 0 {
-        Decoder::Done
-    } else {
-        Decoder::Length(n)
+    Ok(match delimited()? {
+        Delimited::Chunked => Decoder::Chunked(Chunk::Size),
+        Delimited::Length(0) => Decoder::Done,
+        Delimited::Length(n) => Decoder::Length(n),
+        Delimited::Unframed => Decoder::Eof,
     })
 }
 
@@ -960,12 +1002,23 @@ mod tests {
         req: Request<UpstreamBody>,
         response: &[u8],
     ) -> (Result<Answer, SendError>, String) {
+        exchange_with(conn, server, req, None, response).await
+    }
+
+    /// `exchange`, for a plain request with `fields`.
+    async fn exchange_with(
+        conn: H1Conn,
+        server: &mut TcpStream,
+        req: Request<UpstreamBody>,
+        fields: Option<&WireFields>,
+        response: &[u8],
+    ) -> (Result<Answer, SendError>, String) {
         let respond = async {
             let head = read_until(server, b"\r\n\r\n").await;
             server.write_all(response).await.unwrap();
             head
         };
-        tokio::join!(conn.send(req, None, false), respond)
+        tokio::join!(conn.send(req, fields, false), respond)
     }
 
     fn sent(result: Result<Answer, SendError>) -> Response<H1Body> {
@@ -1146,11 +1199,74 @@ mod tests {
                 true,
             ),
         ] {
-            let (conn, mut server) = pair().await;
-            let (result, _) = exchange(conn, &mut server, get("/"), response).await;
-            let reused = sent(result).into_body().into_reusable().is_some();
-            assert_eq!(reused, reusable, "{}", String::from_utf8_lossy(response));
+            // A plain request's response reads its connection options from its lines.
+            let plain = WireFields::request(Bytes::from_static(b"x-plain: 1\r\n"));
+            for fields in [None, Some(&plain)] {
+                let (conn, mut server) = pair().await;
+                let (result, head) =
+                    exchange_with(conn, &mut server, get("/"), fields, response).await;
+                assert_eq!(head.contains("x-plain: 1\r\n"), fields.is_some(), "{head}");
+                let (response_head, lines) = result.as_ref().ok().unwrap();
+                // `connection: x, Close` names a field: that response gets a whole map.
+                let all_lines = lines.as_ref().and_then(|l| l.framing).is_some();
+                assert_eq!(
+                    all_lines,
+                    fields.is_some() && !response_head.headers().contains_key("connection"),
+                );
+                let reused = sent(result).into_body().into_reusable().is_some();
+                let text = String::from_utf8_lossy(response);
+                assert_eq!(reused, reusable, "{text}, plain: {}", fields.is_some());
+            }
         }
+    }
+
+    /// The body of a plain request's response is delimited by the length among its lines, or by the
+    /// end of the connection when it has none.
+    #[tokio::test]
+    async fn a_plain_response_is_delimited_by_the_length_among_its_lines() {
+        let plain = WireFields::request(Bytes::from_static(b"x-plain: 1\r\n"));
+        for (response, body, reusable) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 5\r\n\r\nhelloXX"[..],
+                &b"hello"[..],
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                b"ok",
+                true,
+            ),
+        ] {
+            let (conn, mut server) = pair().await;
+            let (result, _) =
+                exchange_with(conn, &mut server, get("/"), Some(&plain), response).await;
+            let (mut head, lines) = result.ok().unwrap();
+            assert!(head.headers().is_empty(), "all fields are lines");
+            let lines = lines.unwrap();
+            let length = format!("Content-Length: {}\r\n", body.len());
+            let expected = match response.starts_with(b"HTTP/1.1 200 OK\r\nServer") {
+                true => format!("Server: s\r\n{length}"),
+                false => length,
+            };
+            assert_eq!(lines.lines, expected.as_bytes());
+            let data = collect(head.body_mut()).await.unwrap().0;
+            assert_eq!(data, body);
+            // Bytes after the declared length are stray: the connection is not reused.
+            assert_eq!(head.into_body().into_reusable().is_some(), reusable);
+        }
+        let (conn, mut server) = pair().await;
+        let respond = async {
+            read_until(&mut server, b"\r\n\r\n").await;
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\nServer: s\r\n\r\nuntil close")
+                .await
+                .unwrap();
+            drop(server);
+        };
+        let (result, ()) = tokio::join!(conn.send(get("/"), Some(&plain), false), respond);
+        let (mut head, _) = result.ok().unwrap();
+        assert_eq!(collect(head.body_mut()).await.unwrap().0, b"until close");
+        assert!(head.into_body().into_reusable().is_none());
     }
 
     #[tokio::test]
