@@ -591,10 +591,7 @@ fn encode_head(
     }
     // A plain exchange's ordinary fields (see `plain`): none of them frames or closes.
     if let Some(lines) = lines {
-        out.extend_from_slice(&lines.lines);
-        if let Some(id) = &lines.request_id {
-            push_field(out, b"x-request-id", id.as_bytes());
-        }
+        lines.write_response(out);
     }
     if !(parts.headers.contains_key(header::DATE) || lines.is_some_and(|l| l.date)) {
         date::with(|date| push_field(out, b"date", date));

@@ -228,9 +228,9 @@ pub(crate) struct WireFields {
     pub(crate) lines: Bytes,
     /// A `Date` field is among the lines.
     pub(crate) date: bool,
-    /// A response whose fields are all lines (its header map is empty): what the fields read by
-    /// name said, `Content-Length` (which is also among the lines) and `Connection` (which is not,
-    /// being hop-by-hop, like `Keep-Alive`). See [`split_response`].
+    /// A response whose fields are all lines (its header map is empty): what its fields read by
+    /// name said, its `Content-Length` (which `h1_server` writes) and `Connection` options; none
+    /// of them is among the lines. See [`split_response`].
     pub(crate) framing: Option<LineFraming>,
     /// The request id to answer with, when the response's header map is empty
     /// (`proxy::exchange` then leaves the map unallocated).
@@ -238,6 +238,20 @@ pub(crate) struct WireFields {
 }
 
 impl WireFields {
+    /// Writes what a response's lines add to its head (`h1_server`): its `Content-Length` when
+    /// all its fields are lines, the lines, and the request id that goes with them.
+    pub(crate) fn write_response(&self, out: &mut Vec<u8>) {
+        if let Some(length) = self.framing.and_then(|f| f.length) {
+            out.extend_from_slice(b"content-length: ");
+            crate::wire::push_decimal(out, length);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(&self.lines);
+        if let Some(id) = &self.request_id {
+            push_field(out, X_REQUEST_ID, id.as_bytes());
+        }
+    }
+
     /// A plain request's fields.
     pub(crate) fn request(lines: Bytes) -> WireFields {
         WireFields {
@@ -281,62 +295,63 @@ fn read_by_name(name: &[u8]) -> bool {
 
 /// The response head of a plain request, its fields at `spans` of `head`: a header map of the
 /// fields read by name, and the others as lines. The common response, whose only fields read by
-/// name are one `Content-Length` of digits, `Connection` and `Keep-Alive`, gets no map at all: its
-/// length and connection options go with the lines ([`WireFields::framing`]), and its hop-by-hop
-/// fields are dropped, as the header-map path would drop them. `None` when the head needs a whole
-/// header map: its `Connection` names other fields, which the header-map path removes by name, or
-/// a field is one the http types refuse (which `wire::fields` then reports).
+/// name are one `Content-Length` of digits, the connection options (`Connection`, `Keep-Alive`),
+/// `X-Request-Id` and the trace field, gets no map at all: its length and connection options go
+/// with the lines ([`WireFields::framing`]), and the others are dropped, as the header-map path
+/// drops them (hop-by-hop fields; the trace field of an exchange that is not traced; the request id,
+/// which this hop sets). `None` when the head needs a whole header map: its `Connection` names
+/// other fields, which the header-map path removes by name, or a field is one the http types
+/// refuse (which `wire::fields` then reports).
 pub(crate) fn split_response(
     head: &Bytes,
     spans: &[[usize; 4]],
 ) -> Option<(HeaderMap, WireFields)> {
-    // First, whether every field read by name is one of the common three.
     let mut framing = Some(LineFraming::default());
-    for &[name_start, name_end, value_start, value_end] in spans {
-        let name = &head[name_start..name_end];
-        if !read_by_name(name) {
-            continue;
-        }
-        let value = &head[value_start..value_end];
-        let Some(common) = framing.as_mut() else {
-            break;
-        };
-        if name.eq_ignore_ascii_case(b"connection") {
-            for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                common.close |= option.eq_ignore_ascii_case(b"close");
-                common.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-            }
-        } else if name.eq_ignore_ascii_case(b"content-length") && common.length.is_none() {
-            // The digits `h1_server` takes as a length, so that it frames the body by this one.
-            common.length = Some(crate::wire::decimal(value, 15)).flatten();
-            if common.length.is_none() {
-                framing = None;
-            }
-        } else if !name.eq_ignore_ascii_case(b"keep-alive") {
-            framing = None;
-        }
-    }
-    let mut headers = HeaderMap::new();
     let mut lines = Vec::with_capacity(head.len());
     let mut date = false;
     for &[name_start, name_end, value_start, value_end] in spans {
         let name = &head[name_start..name_end];
         let value = &head[value_start..value_end];
-        if read_by_name(name) {
-            if name.eq_ignore_ascii_case(b"connection") && !only_hop_by_hop(value) {
-                return None;
+        if !read_by_name(name) {
+            date |= name.eq_ignore_ascii_case(b"date");
+            push_field(&mut lines, name, value);
+            continue;
+        }
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        if is(b"connection") && !only_hop_by_hop(value) {
+            return None;
+        }
+        let Some(common) = framing.as_mut() else {
+            continue;
+        };
+        if is(b"connection") {
+            for option in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                common.close |= option.eq_ignore_ascii_case(b"close");
+                common.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
             }
-            if framing.is_none() {
+        } else if is(b"content-length") && common.length.is_none() {
+            // The digits `h1_server` takes as a length, so that it frames the body by this one.
+            common.length = crate::wire::decimal(value, 15);
+            if common.length.is_none() {
+                framing = None;
+            }
+        } else if !(is(b"keep-alive")
+            || is(X_REQUEST_ID)
+            || is(crate::trace::TRACE_HOP.as_str().as_bytes()))
+        {
+            framing = None;
+        }
+    }
+    let mut headers = HeaderMap::new();
+    if framing.is_none() {
+        for &[name_start, name_end, value_start, value_end] in spans {
+            let name = &head[name_start..name_end];
+            if read_by_name(name) {
                 headers.append(
                     HeaderName::from_bytes(name).ok()?,
                     HeaderValue::from_maybe_shared(head.slice(value_start..value_end)).ok()?,
                 );
-            } else if name.eq_ignore_ascii_case(b"content-length") {
-                push_field(&mut lines, name, value);
             }
-        } else {
-            date |= name.eq_ignore_ascii_case(b"date");
-            push_field(&mut lines, name, value);
         }
     }
     let fields = WireFields {
@@ -557,10 +572,9 @@ mod tests {
             HeaderValue::from_static("ours"),
         );
         if let Some(lines) = lines {
-            lines.append_to(&mut headers);
-            if let Some(id) = lines.request_id {
-                headers.append(&forward::X_REQUEST_ID, id);
-            }
+            let mut out = Vec::new();
+            lines.write_response(&mut out);
+            WireFields::request(out.into()).append_to(&mut headers);
         }
         sorted(&headers)
     }
@@ -580,6 +594,10 @@ mod tests {
         for (head, framing) in [
             (
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nDate: Sat, 28 Nov 2026 10:00:00 GMT\r\nServer: s\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\nX-Phoenix-Trace-Hop: forged\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",
+                no_map(Some(2), false, true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: theirs\r\nTrailer: x\r\n\r\n",
                 None,
             ),
             (
