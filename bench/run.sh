@@ -42,7 +42,8 @@
 #
 # Needs (Debian): nginx haproxy caddy wrk nghttp2-client lego python3 curl openssl valgrind, and root (it adds
 # the bench names to /etc/hosts and binds port 80 for http-01), and a hard `ulimit -n` above IDLE+1000.
-# Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS BENCH_DIR PHOENIX_BIN (skip the build),
+# Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS SETTLE (seconds between chains,
+# default 2) BENCH_DIR PHOENIX_BIN (skip the build),
 # FIGURES (a subset of "ka close h2 idle sse acme instr"; the CPU and peak RSS figures come with ka;
 # instr needs valgrind), INSTR_REQS, and PHOENIX_BIN_B with the chain `phoenixb`
 # (CHAINS="nginx phoenix phoenixb") to compare two builds.
@@ -380,12 +381,18 @@ wait_chain() { # chain: the chain answers through every hop
 }
 
 echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] dir=$W" >&2
+# The order of the chains turns by one each round, so that no chain always follows the same one:
+# a chain stopped with 10 000 idle connections (Caddy's take 400 MB) leaves the kernel and the
+# caches work to do, which the next chain's first figure would otherwise always pay. After each
+# chain the machine gets a moment to settle.
+read -r -a ORDER <<< "$CHAINS"
 for r in $(seq 1 "$ROUNDS"); do
-  for c in $CHAINS; do
+  for i in "${!ORDER[@]}"; do
+    c=${ORDER[$(( (i + r - 1) % ${#ORDER[@]} ))]}
     echo "round $r: $c" >&2
     start_$c
     if wait_chain "$c"; then pids_$c; measure "$c"; fi
-    stop_$c; sleep 0.5
+    stop_$c; sleep "${SETTLE:-2}"
   done
 done
 

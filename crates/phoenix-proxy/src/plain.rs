@@ -15,6 +15,12 @@
 //! a second `X-Forwarded-For`, `Forwarded` or `X-Request-Id`, a `Host` that is missing, repeated or
 //! not text. Those requests take the header-map path, as every request did before. The unit tests
 //! below hold the two paths to the same result field by field.
+//!
+//! On the way back, the upstream client keeps the response's fields as lines too
+//! ([`split_response`]): only those that some code reads by name go into its header map, and the
+//! common response, whose only such fields are its length and connection options, gets no map at
+//! all. The lines travel beside the request and the response ([`WireFields`]), from `h1_server`
+//! through `Proxy::exchange` and `Service::send_with` to the upstream client and back.
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
