@@ -381,14 +381,24 @@ wait_chain() { # chain: the chain answers through every hop
 }
 
 echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] dir=$W" >&2
-# The order of the chains turns by one each round, so that no chain always follows the same one:
-# a chain stopped with 10 000 idle connections (Caddy's take 400 MB) leaves the kernel and the
-# caches work to do, which the next chain's first figure would otherwise always pay. After each
-# chain the machine gets a moment to settle.
+# The order of the chains changes each round, so that no chain always follows the same one: a
+# chain stopped with 10 000 idle connections (Caddy's take 400 MB) leaves the kernel and the caches
+# work to do, which the next chain's first figure would otherwise always pay. Round r steps through
+# the chains from position r-1 by a stride coprime to their number, a different stride each round
+# while there are different ones (a mere rotation would keep every chain behind the same one).
+# After each chain the machine gets a moment to settle.
 read -r -a ORDER <<< "$CHAINS"
+N=${#ORDER[@]}
+STRIDES=()
+for k in $(seq 1 "$N"); do
+  a=$k; b=$N; while [ "$b" -ne 0 ]; do t=$((a % b)); a=$b; b=$t; done
+  [ "$a" -eq 1 ] && [ "$k" -lt "$N" ] && STRIDES+=("$k")
+done
+[ ${#STRIDES[@]} -eq 0 ] && STRIDES=(1)
 for r in $(seq 1 "$ROUNDS"); do
+  stride=${STRIDES[$(( (r - 1) % ${#STRIDES[@]} ))]}
   for i in "${!ORDER[@]}"; do
-    c=${ORDER[$(( (i + r - 1) % ${#ORDER[@]} ))]}
+    c=${ORDER[$(( (i * stride + r - 1) % N ))]}
     echo "round $r: $c" >&2
     start_$c
     if wait_chain "$c"; then pids_$c; measure "$c"; fi
