@@ -576,7 +576,7 @@ impl Proxy {
                 }
                 let mut lines = lines;
                 crate::plain::set_request_id(&mut rparts.headers, lines.as_mut(), request_id);
-                let resp = Response::from_parts(rparts, body::boxed(rbody));
+                let resp = Response::from_parts(rparts, rbody);
                 (self.finish(resp, log, guard), lines)
             }
             Err(error) => {
@@ -690,12 +690,15 @@ impl Proxy {
     }
 
     /// Records metrics and wraps the body so the access log line is written when it ends.
-    fn finish(
+    fn finish<B>(
         &self,
-        resp: Response<UpstreamBody>,
+        resp: Response<B>,
         mut log: AccessLog,
         guard: InFlightGuard,
-    ) -> Response<UpstreamBody> {
+    ) -> Response<UpstreamBody>
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+    {
         let status = resp.status().as_u16();
         log.status = status;
         let metrics = match &log.target {
@@ -969,21 +972,28 @@ impl AccessLog {
 }
 
 /// Response body that counts bytes, writes the access log line when it ends (or is dropped: the
-/// client went away), and keeps the request "in flight" on its connection until then.
-struct TrackedBody {
-    inner: UpstreamBody,
+/// client went away), and keeps the request "in flight" on its connection until then. Generic, so
+/// that an upstream's body is wrapped and boxed once.
+struct TrackedBody<B: Body> {
+    inner: B,
     bytes: u64,
     access: Option<Box<AccessLog>>,
     _guard: InFlightGuard,
 }
 
-impl TrackedBody {
+impl<B> TrackedBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+{
     fn boxed(self) -> UpstreamBody {
         http_body_util::BodyExt::boxed_unsync(self)
     }
 }
 
-impl Body for TrackedBody {
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1018,7 +1028,7 @@ impl Body for TrackedBody {
     }
 }
 
-impl Drop for TrackedBody {
+impl<B: Body> Drop for TrackedBody<B> {
     fn drop(&mut self) {
         if let Some(log) = self.access.take() {
             // An empty body hyper never polled ended normally; anything else was cut short.
