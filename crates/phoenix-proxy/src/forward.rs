@@ -19,21 +19,30 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
+/// The forwarding fields' names as text, for heads handled as bytes (`plain`).
+pub(crate) mod names {
+    pub(crate) const X_FORWARDED_FOR: &str = "x-forwarded-for";
+    pub(crate) const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+    pub(crate) const X_FORWARDED_HOST: &str = "x-forwarded-host";
+    pub(crate) const X_REQUEST_ID: &str = "x-request-id";
+    pub(crate) const FORWARDED: &str = "forwarded";
+}
+
 /// `X-Forwarded-For`.
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static(names::X_FORWARDED_FOR);
 /// `X-Forwarded-Proto`.
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(names::X_FORWARDED_PROTO);
 /// `X-Forwarded-Host`.
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static(names::X_FORWARDED_HOST);
 /// `X-Request-Id`.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static(names::X_REQUEST_ID);
 /// `Forwarded` (RFC 7239).
-pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub static FORWARDED: HeaderName = HeaderName::from_static(names::FORWARDED);
 
 /// Headers that are hop-by-hop by definition (RFC 9110 section 7.6.1, plus the de-facto ones), as
 /// text to compare names with: `HeaderName::as_str` of a standard name is a table lookup of its
 /// own, on the path of every request and response.
-const HOP_BY_HOP_NAMES: [&str; 8] = [
+pub(crate) const HOP_BY_HOP_NAMES: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",

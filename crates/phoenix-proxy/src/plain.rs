@@ -25,13 +25,15 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::forward::{ForwardInfo, ForwardedLists, Lines, FORWARDED, X_FORWARDED_FOR};
+use crate::forward::{names, ForwardInfo, ForwardedLists, Lines, HOP_BY_HOP_NAMES};
 use crate::wire::push_field;
 
-/// The fields rewritten by this hop, by the same names `forward` writes.
-const X_FORWARDED_PROTO: &[u8] = b"x-forwarded-proto";
-const X_FORWARDED_HOST: &[u8] = b"x-forwarded-host";
-const X_REQUEST_ID: &[u8] = b"x-request-id";
+/// The fields rewritten by this hop, by the names `forward` writes.
+const X_FORWARDED_FOR: &[u8] = names::X_FORWARDED_FOR.as_bytes();
+const X_FORWARDED_PROTO: &[u8] = names::X_FORWARDED_PROTO.as_bytes();
+const X_FORWARDED_HOST: &[u8] = names::X_FORWARDED_HOST.as_bytes();
+const X_REQUEST_ID: &[u8] = names::X_REQUEST_ID.as_bytes();
+const FORWARDED: &[u8] = names::FORWARDED.as_bytes();
 
 /// The fields a pass over a plain head found. Positions are indexes into the head's spans, at most
 /// 128 of them (`h1_server` parses no more).
@@ -96,7 +98,7 @@ pub(crate) fn scan<'a>(head: &'a [u8], spans: &[[usize; 4]]) -> Option<Scan<'a>>
                 request_id = Some((i, [value_start, value_end]));
             }
             14 if is(b"content-length") => dropped |= bit,
-            15 if is(X_FORWARDED_FOR.as_str().as_bytes()) => {
+            15 if is(X_FORWARDED_FOR) => {
                 if x_forwarded_for.replace(value).is_some() {
                     return None;
                 }
@@ -168,7 +170,7 @@ impl Scan<'_> {
             }
         }
         // The list values are written in place, with no buffer of their own.
-        out.extend_from_slice(X_FORWARDED_FOR.as_str().as_bytes());
+        out.extend_from_slice(X_FORWARDED_FOR);
         out.extend_from_slice(b": ");
         lists.write_x_forwarded_for(out);
         out.extend_from_slice(b"\r\n");
@@ -180,7 +182,7 @@ impl Scan<'_> {
                 push_field(out, X_FORWARDED_HOST, host.as_bytes());
             }
         }
-        out.extend_from_slice(FORWARDED.as_str().as_bytes());
+        out.extend_from_slice(FORWARDED);
         out.extend_from_slice(b": ");
         lists.write_forwarded(out);
         out.extend_from_slice(b"\r\n");
@@ -204,24 +206,19 @@ pub(crate) fn is_text(value: &[u8]) -> Option<&str> {
 }
 
 /// Whether a `Connection` value names only options the plain path handles: `close`, `keep-alive`
-/// and fields that are hop-by-hop anyway (and dropped whether named or not).
+/// and fields that are hop-by-hop anyway (`forward::HOP_BY_HOP_NAMES`, dropped whether named or
+/// not). A request with a `TE`, `Transfer-Encoding` or `Upgrade` field never takes the plain path;
+/// on a response those fields stay in the header map, where the hop-by-hop removal sees them.
 fn only_hop_by_hop(value: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .all(|t| {
-            [
-                &b"close"[..],
-                b"keep-alive",
-                b"connection",
-                b"proxy-connection",
-                b"proxy-authenticate",
-                b"proxy-authorization",
-                b"trailer",
-            ]
-            .iter()
-            .any(|known| t.eq_ignore_ascii_case(known))
+            t.eq_ignore_ascii_case(b"close")
+                || HOP_BY_HOP_NAMES
+                    .iter()
+                    .any(|known| t.eq_ignore_ascii_case(known.as_bytes()))
         })
 }
 
@@ -497,6 +494,7 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Forwarded-For:   \r\nForwarded: \r\nx-request-id: r3\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nProxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nTrailer: x\r\nConnection: close, proxy-authorization\r\nX-Request-Id: r4\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Proto: ws\r\nx-request-id: r5\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: app.phoenix.test\r\nConnection: keep-alive, Upgrade\r\nx-request-id: r6\r\n\r\n",
         ];
         let peers = [
             info("10.0.0.3", true),
