@@ -35,6 +35,12 @@
 //! timeout, and the wait between requests with the idle timeout (see `server.rs`). Only a head that
 //! a read cut in two is recorded, so the common read touches neither the clock nor a lock.
 //!
+//! On a connection that Phoenix's own HTTP/1.1 server (`h1_server`) serves first, the scanner
+//! sleeps until that server hands the connection to hyper (`FramingIo::dormant`, `start`). That
+//! server takes only requests with one `Content-Length` of digits and no `Transfer-Encoding`, none
+//! of which the scanner could refuse, and it hands over at a request boundary with the bytes it read
+//! from there on; the scanner starts on those, counting from the requests already served.
+//!
 //! Tests: the unit tests below feed the scanner whole, byte by byte and in random splits;
 //! `tests/hardening_http1.rs` sends the ambiguous requests over TLS, alone and behind valid ones.
 
@@ -115,6 +121,9 @@ pub enum Stop {
     Malformed,
     /// A head longer than any hyper accepts (it answers 431).
     HeadTooLarge,
+    /// Not yet started: Phoenix's own HTTP/1.1 server serves the connection, and it takes only
+    /// requests with unambiguous framing (see `FramingIo::start`).
+    Dormant,
 }
 
 /// Where the scanner is in the byte stream.
@@ -231,6 +240,23 @@ impl FrameScanner {
     /// not ended yet.
     pub fn in_head(&self) -> bool {
         self.state == State::Head && (self.head.len > 0 || !self.partial.is_empty())
+    }
+
+    /// A scanner that follows nothing until `start`.
+    fn dormant(max_head: usize) -> FrameScanner {
+        FrameScanner {
+            state: State::Stopped(Stop::Dormant),
+            ..FrameScanner::new(max_head)
+        }
+    }
+
+    /// Starts following the connection at a request boundary, where the request with index
+    /// `index` begins.
+    fn start(&mut self, index: u64) {
+        debug_assert_eq!(self.stopped(), Some(Stop::Dormant));
+        self.state = State::Head;
+        self.head = Head::default();
+        self.index = index;
     }
 
     /// Stops following the connection.
@@ -586,11 +612,6 @@ impl Verdicts {
         (index >= refused).then(|| Ambiguity::from_code(self.reason.load(Ordering::Relaxed)))
     }
 
-    /// Whether `next_request` would refuse the next request, without counting it.
-    pub(crate) fn refuses_next(&self) -> bool {
-        self.served.load(Ordering::Relaxed) >= self.refused.load(Ordering::Acquire)
-    }
-
     /// The connection switched protocols: the scanner stops at its next read.
     pub(crate) fn switched_protocols(&self) {
         self.switched.store(true, Ordering::Relaxed);
@@ -614,6 +635,33 @@ impl<I> FramingIo<I> {
             verdicts,
             head_pending: true,
         }
+    }
+
+    /// A `FramingIo` whose scanner waits for `start`: for a connection that `h1_server` serves
+    /// first. That server takes only requests whose framing is unambiguous (one `Content-Length` of
+    /// digits, no `Transfer-Encoding`) and hands the connection over at a request boundary, so the
+    /// scanner has nothing to find before then, and following every byte would be spent for nothing.
+    pub(crate) fn dormant(inner: I, max_head: usize, verdicts: Arc<Verdicts>) -> FramingIo<I> {
+        FramingIo {
+            scanner: FrameScanner::dormant(max_head),
+            head_pending: false,
+            ..FramingIo::new(inner, max_head, verdicts)
+        }
+    }
+
+    /// Starts the dormant scanner where the connection is handed over: `read` holds the bytes
+    /// already read, from the start of the next request on (its index is the number of requests
+    /// served so far). They are scanned as if read now, and the reads that follow are too.
+    pub(crate) fn start(&mut self, read: &[u8]) {
+        let served = self.verdicts.served.load(Ordering::Relaxed);
+        self.scanner.start(served);
+        if let Some(refusal) = self.scanner.feed(read) {
+            self.verdicts.refuse(refusal);
+        }
+        // Published whatever it was: nothing kept `head_since` while the scanner slept.
+        self.head_pending = self.scanner.in_head();
+        self.verdicts
+            .set_head_since(self.head_pending.then(Instant::now));
     }
 
     /// Publishes where heads begin and end, after a read that saw `heads_before` heads before it.
@@ -981,6 +1029,45 @@ mod tests {
         let mut io = FramingIo::new(DECOY.as_bytes(), LIMIT, verdicts.clone());
         io.read_to_end(&mut Vec::new()).await.unwrap();
         assert_eq!(io.scanner.stopped(), Some(Stop::Upgraded));
+        assert_eq!(verdicts.next_request(), None);
+    }
+
+    #[tokio::test]
+    async fn a_dormant_scanner_starts_at_the_handover_counting_the_requests_served() {
+        use tokio::io::AsyncReadExt;
+        let opened = Instant::now();
+        let verdicts = Arc::new(Verdicts::new(opened));
+        let ambiguous = "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        // Asleep, it looks at nothing, not even an ambiguous head.
+        let sleeping = format!("{GET}{GET}{ambiguous}");
+        let mut io = FramingIo::dormant(sleeping.as_bytes(), LIMIT, verdicts.clone());
+        io.read_to_end(&mut Vec::new()).await.unwrap();
+        assert_eq!(io.scanner.stopped(), Some(Stop::Dormant));
+        assert_eq!(verdicts.head_since(), Some(opened), "nothing was published");
+        // Two requests served by the other server, then the handover: a valid head and an
+        // ambiguous one already read, the rest of the ambiguous one to come.
+        assert_eq!(verdicts.next_request(), None);
+        assert_eq!(verdicts.next_request(), None);
+        let stream = format!("{GET}{ambiguous}");
+        let (read, rest) = stream.split_at(GET.len() + 20);
+        let mut io = FramingIo::dormant(rest.as_bytes(), LIMIT, verdicts.clone());
+        io.start(read.as_bytes());
+        assert!(io.scanner.is_scanning());
+        let since = verdicts.head_since().expect("the cut head is under way");
+        assert!(since > opened, "timed from the handover, not the connection's start");
+        io.read_to_end(&mut Vec::new()).await.unwrap();
+        assert_eq!(verdicts.next_request(), None, "the valid head, index 2");
+        assert_eq!(
+            verdicts.next_request(),
+            Some(Ambiguity::RepeatedLength),
+            "the ambiguous head, index 3"
+        );
+
+        // A handover on a complete head: none is under way.
+        let verdicts = Arc::new(Verdicts::new(opened));
+        let mut io = FramingIo::dormant(&b""[..], LIMIT, verdicts.clone());
+        io.start(GET.as_bytes());
+        assert_eq!(verdicts.head_since(), None);
         assert_eq!(verdicts.next_request(), None);
     }
 }

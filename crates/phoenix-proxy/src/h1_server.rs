@@ -274,23 +274,20 @@ fn start<'a>(
     head: &Head,
     spans: &[[usize; 4]],
 ) -> Option<Pin<Box<impl Future<Output = Answer> + 'a>>> {
-    // A request the framing scanner refuses takes the header-map path, which answers it.
-    let plain = match verdicts.refuses_next() {
-        false => proxy.plain(
-            info,
-            bytes,
-            spans,
-            &head.method,
-            head.target.clone(),
-            body.clone(),
-        ),
-        true => None,
-    };
+    let plain = proxy.plain(
+        info,
+        bytes,
+        spans,
+        &head.method,
+        head.target.clone(),
+        body.clone(),
+    );
     let request = match plain {
         Some(exchange) => Ok(exchange),
         None => Err(request(bytes, head, spans)?.map(|()| Full::new(body.clone()))),
     };
-    // Counted only now: a request handed over to hyper is counted there.
+    // Counted only now: a request handed over to hyper is counted there. (The framing scanner
+    // sleeps while this server serves the connection, so it refuses none of these; see `framing`.)
     let refused = verdicts.next_request();
     Some(Box::pin(async move {
         match request {

@@ -10,10 +10,10 @@
 //! not HTTP/2, Phoenix's own server for plain HTTP/1.1 requests (`h1_server`), which hands the
 //! connection to hyper-util's automatic HTTP/1.1 + HTTP/2 server with upgrades at the first request
 //! it does not take; HTTP/2 and plaintext connections go to hyper at once. Between the stream and
-//! both servers sits `framing::FramingIo`,
-//! which follows HTTP/1.1 message boundaries so that a request with ambiguous framing (Content-Length
-//! with Transfer-Encoding, a repeated Content-Length) is answered 400 and the connection closed,
-//! where hyper would have normalised it. Limits: largest request head, number of header fields,
+//! hyper sits `framing::FramingIo`, which follows HTTP/1.1 message boundaries so that a request with
+//! ambiguous framing (Content-Length with Transfer-Encoding, a repeated Content-Length) is answered
+//! 400 and the connection closed, where hyper would have normalised it. Under `h1_server`, which
+//! takes no such request, it sleeps, and starts at the handover. Limits: largest request head, number of header fields,
 //! an idle timeout: a connection with no request in flight for `idle_timeout` is closed gracefully
 //! (HTTP/2 GOAWAY); and a header-read timeout: an HTTP/1.1 request head must be complete within
 //! `header_read_timeout` of its first byte (the first head: of the connection's start), or the
@@ -532,10 +532,10 @@ async fn serve_http<I>(
     // follows heads up to twice the limit, so that it never stops on a head hyper accepts.
     let verdicts = Arc::new(Verdicts::new(Instant::now()));
     let max_head = 2 * read_buffer_size(&proxy.settings.limits);
-    let io = FramingIo::new(stream, max_head, verdicts.clone());
     // HTTP/1.1 connections start on Phoenix's own server, which hands what it does not take to
-    // hyper (see `h1_server`).
+    // hyper (see `h1_server`); the scanner starts there.
     let io = if h1 {
+        let io = FramingIo::dormant(stream, max_head, verdicts.clone());
         let limits = &proxy.settings.limits;
         let h1_limits = h1_server::Limits {
             max_head: read_buffer_size(limits),
@@ -551,10 +551,16 @@ async fn serve_http<I>(
         .await;
         match served {
             Served::Closed => return,
-            Served::Handover(io, read) => Prefixed::new(read, io),
+            Served::Handover(mut io, read) => {
+                io.start(&read);
+                Prefixed::new(read, io)
+            }
         }
     } else {
-        Prefixed::new(BytesMut::new(), io)
+        Prefixed::new(
+            BytesMut::new(),
+            FramingIo::new(stream, max_head, verdicts.clone()),
+        )
     };
     let io = TokioIo::new(io);
     let service = {
