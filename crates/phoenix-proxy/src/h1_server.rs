@@ -113,8 +113,11 @@ where
     let mut draining = false;
     let mut spans = Vec::new();
     loop {
-        // The head: the idle timeout until its first byte, then the header-read timeout.
+        // The head: the idle timeout until its first byte, then the header-read timeout. The
+        // second is set only for a head that its first read does not complete, which is rare:
+        // shortening a timer moves it in tokio's wheel, while `reset` to a later time does not.
         let mut began = !conn.read.is_empty();
+        let mut head_timed = began;
         let limit = match began {
             true => limits.header_read_timeout,
             false => limits.idle_timeout,
@@ -125,7 +128,15 @@ where
             if !conn.read.is_empty() {
                 match parse(&conn.read, limits, &mut spans) {
                     Parsed::Complete(head) if head.len <= limits.max_head => break head,
-                    Parsed::Partial if conn.read.len() <= limits.max_head => {}
+                    Parsed::Partial if conn.read.len() <= limits.max_head => {
+                        // Right after the read that began the head: timed from its first byte.
+                        if !head_timed {
+                            head_timed = true;
+                            let deadline = Instant::now() + limits.header_read_timeout;
+                            timer.as_mut().reset(deadline.into());
+                            gate.open();
+                        }
+                    }
                     // Too long, or not for this server: hyper answers as it always did.
                     _ => return Served::Handover(conn.io, conn.read),
                 }
@@ -158,14 +169,7 @@ where
                 Waiting::Read(Ok(0) | Err(_)) | Waiting::Force | Waiting::Timer => {
                     return Served::Closed
                 }
-                Waiting::Read(Ok(_)) => {
-                    if !began {
-                        began = true;
-                        let deadline = Instant::now() + limits.header_read_timeout;
-                        timer.as_mut().reset(deadline.into());
-                        gate.open();
-                    }
-                }
+                Waiting::Read(Ok(_)) => began = true,
                 Waiting::Shutdown => {
                     draining = true;
                     if conn.read.is_empty() {
