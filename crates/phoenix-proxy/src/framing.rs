@@ -700,6 +700,12 @@ impl<I: AsyncRead + Unpin> AsyncRead for FramingIo<I> {
     }
 }
 
+impl<I: crate::readiness::ReadReadiness> crate::readiness::ReadReadiness for FramingIo<I> {
+    fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.inner.poll_read_hint(cx)
+    }
+}
+
 impl<I: AsyncWrite + Unpin> AsyncWrite for FramingIo<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
@@ -1054,7 +1060,10 @@ mod tests {
         io.start(read.as_bytes());
         assert!(io.scanner.is_scanning());
         let since = verdicts.head_since().expect("the cut head is under way");
-        assert!(since > opened, "timed from the handover, not the connection's start");
+        assert!(
+            since > opened,
+            "timed from the handover, not the connection's start"
+        );
         io.read_to_end(&mut Vec::new()).await.unwrap();
         assert_eq!(verdicts.next_request(), None, "the valid head, index 2");
         assert_eq!(

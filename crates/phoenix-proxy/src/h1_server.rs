@@ -41,6 +41,7 @@ use crate::framing::Verdicts;
 use crate::gate::Gate;
 use crate::plain::WireFields;
 use crate::proxy::{ConnInfo, Proxy};
+use crate::readiness::ReadReadiness;
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// What one read of the socket asks for at least.
@@ -98,13 +99,14 @@ pub(crate) async fn serve<I>(
     force: &CancellationToken,
 ) -> Served<I>
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + ReadReadiness + Unpin,
 {
     let mut conn = Conn {
         io,
         read: BytesMut::new(),
         write: Vec::new(),
         written: 0,
+        blocked: false,
     };
     let gate = Gate::new();
     let mut shutdown = pin!(shutdown.cancelled());
@@ -417,10 +419,23 @@ struct Conn<I> {
     /// Bytes to write, from `written` on.
     write: Vec<u8>,
     written: usize,
+    /// The last read returned `Pending`: the next one asks the socket's readiness first.
+    blocked: bool,
 }
 
-impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
+impl<I: AsyncRead + AsyncWrite + ReadReadiness + Unpin> Conn<I> {
+    /// Reads more into `read`. A read after one that found nothing asks the socket's readiness
+    /// first: the task is woken by the upstream and by body frames too (see `readiness`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.blocked && self.io.poll_read_hint(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let read = self.poll_read_more(cx);
+        self.blocked = read.is_pending();
+        read
+    }
+
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.read.capacity() == 0 {
             // A connection that has sent nothing yet holds no buffer: ten thousand idle ones
             // would otherwise hold 80 MB. The first bytes land on the stack.

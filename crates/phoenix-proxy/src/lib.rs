@@ -15,6 +15,7 @@ pub mod middleware;
 mod plain;
 pub mod prefixed;
 pub mod proxy;
+mod readiness;
 pub mod redirect;
 pub mod router;
 pub mod rule;

@@ -54,6 +54,7 @@ use crate::gate::Gate;
 use crate::h1_server::{self, Served};
 use crate::prefixed::Prefixed;
 use crate::proxy::{ConnInfo, Proxy};
+use crate::readiness::ReadReadiness;
 use crate::tls;
 use bytes::BytesMut;
 
@@ -522,7 +523,7 @@ async fn serve_http<I>(
     force: CancellationToken,
     h1: bool,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ReadReadiness + Unpin + Send + 'static,
 {
     let idle_timeout = proxy.settings.limits.idle_timeout;
     let header_read_timeout = proxy.settings.limits.header_read_timeout;

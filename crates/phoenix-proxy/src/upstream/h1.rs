@@ -46,6 +46,7 @@ use tokio_rustls::client::TlsStream;
 use crate::body::{BoxError, UpstreamBody};
 use crate::forward::list_elements;
 use crate::plain::{split_response, WireFields};
+use crate::readiness::ReadReadiness;
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// Largest response head accepted from a server.
@@ -129,6 +130,8 @@ pub(crate) struct H1Conn {
     spans: Vec<[usize; 4]>,
     /// False once this connection must not carry another exchange.
     reusable: bool,
+    /// The last read returned `Pending`: the next one asks the socket's readiness first.
+    blocked: bool,
 }
 
 impl H1Conn {
@@ -144,6 +147,7 @@ impl H1Conn {
             sending: None,
             spans: Vec::new(),
             reusable: true,
+            blocked: false,
         }
     }
 
@@ -226,12 +230,19 @@ impl H1Conn {
         }
     }
 
-    /// Reads what the socket has into `read`; `Ok(0)` at its end.
+    /// Reads what the socket has into `read`; `Ok(0)` at its end. A read after one that found
+    /// nothing asks the socket's readiness first: the request's task is woken by the client's side
+    /// too (see `readiness`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.blocked && self.io.poll_read_hint(cx).is_pending() {
+            return Poll::Pending;
+        }
         if self.read.capacity() - self.read.len() < READ_SIZE / 4 {
             self.read.reserve(READ_SIZE);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
+        self.blocked = read.is_pending();
+        read
     }
 
     /// Reads more of a chunked body's framing, which must fit in `limit` bytes.
@@ -883,6 +894,15 @@ fn chunk_size(read: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
 /// The upstream side of a switched-protocol connection (WebSocket): the bytes read past the 101's
 /// head, then the socket.
 pub type Upgraded = crate::prefixed::Prefixed<UpstreamIo>;
+
+impl crate::readiness::ReadReadiness for UpstreamIo {
+    fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            UpstreamIo::Tcp(s) => s.poll_read_hint(cx),
+            UpstreamIo::Tls(s) => s.poll_read_hint(cx),
+        }
+    }
+}
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(
