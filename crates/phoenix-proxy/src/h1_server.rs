@@ -431,11 +431,12 @@ impl<I: AsyncRead + AsyncWrite + ReadReadiness + Unpin> Conn<I> {
             return Poll::Pending;
         }
         let read = self.poll_read_more(cx);
-        self.blocked = read.is_pending();
-        read
+        self.blocked = crate::readiness::drained(&read);
+        read.map_ok(|(n, _)| n)
     }
 
-    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// One read: the bytes read, and the room there was for them.
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(usize, usize)>> {
         if self.read.capacity() == 0 {
             // A connection that has sent nothing yet holds no buffer: ten thousand idle ones
             // would otherwise hold 80 MB. The first bytes land on the stack.
@@ -444,12 +445,14 @@ impl<I: AsyncRead + AsyncWrite + ReadReadiness + Unpin> Conn<I> {
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
             self.read.reserve(READ_SIZE);
             self.read.extend_from_slice(buf.filled());
-            return Poll::Ready(Ok(buf.filled().len()));
+            return Poll::Ready(Ok((buf.filled().len(), first.len())));
         }
         if self.read.capacity() - self.read.len() < READ_SIZE / 4 {
             self.read.reserve(READ_SIZE);
         }
+        let room = self.read.capacity() - self.read.len();
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+            .map_ok(|n| (n, room))
     }
 
     /// Closes the connection as a server does (TLS close_notify), without waiting long for a

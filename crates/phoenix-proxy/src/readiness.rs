@@ -9,19 +9,34 @@
 //!
 //! [`ReadReadiness::poll_read_hint`] answers the same question from the socket's readiness flag
 //! alone, once nothing waits decrypted above the socket. It is asked only when the last read of the
-//! stream returned `Pending`: after a read that returned bytes, tokio-rustls may hold an error for
-//! the next read, which only a real read reports.
+//! stream left it drained ([`drained`]): it returned `Pending`, or fewer bytes than it had room for.
+//! A short read means that the stream below ran out: tokio-rustls reads on until its plaintext runs
+//! out or the socket has nothing more, and tokio clears a socket's readiness after a short read.
+//! The one thing a short read can leave behind is an error that tokio-rustls keeps for the next
+//! read. A socket error leaves the socket ready, so the next read reports it; a TLS error (a
+//! corrupt record right behind good ones) is reported when the peer, which was sent an alert,
+//! closes, or when the connection's time limits end it.
 
+use std::io;
 use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
+
+/// Whether a read (its bytes and the room it had) left the stream drained: the next read of it
+/// may ask [`ReadReadiness::poll_read_hint`] first.
+pub(crate) fn drained(read: &Poll<io::Result<(usize, usize)>>) -> bool {
+    match read {
+        Poll::Pending => true,
+        Poll::Ready(Ok((n, room))) => 0 < *n && n < room,
+        Poll::Ready(Err(_)) => false,
+    }
+}
 
 /// A stream that can tell, cheaply, that a read would return `Pending`.
 pub(crate) trait ReadReadiness {
     /// `Pending` when a read would certainly return `Pending`, with the task's waker registered
     /// for the socket's next readiness (as a read would register it); `Ready` when a read may make
-    /// progress. To be asked only after a read of this stream returned `Pending` (see the module
-    /// documentation).
+    /// progress. To be asked only after a read that left the stream [`drained`].
     fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()>;
 }
 

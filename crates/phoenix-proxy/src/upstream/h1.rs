@@ -240,9 +240,11 @@ impl H1Conn {
         if self.read.capacity() - self.read.len() < READ_SIZE / 4 {
             self.read.reserve(READ_SIZE);
         }
-        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
-        self.blocked = read.is_pending();
-        read
+        let room = self.read.capacity() - self.read.len();
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+            .map_ok(|n| (n, room));
+        self.blocked = crate::readiness::drained(&read);
+        read.map_ok(|(n, _)| n)
     }
 
     /// Reads more of a chunked body's framing, which must fit in `limit` bytes.
