@@ -21,6 +21,7 @@ pub mod router;
 pub mod rule;
 pub mod server;
 pub mod table;
+mod timers;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

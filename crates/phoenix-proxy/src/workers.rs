@@ -49,6 +49,12 @@ pub(crate) fn slot() -> usize {
     SLOT.with(Cell::get)
 }
 
+/// Makes the current thread count as worker `slot`'s, for tests of what workers do differently.
+#[cfg(test)]
+pub(crate) fn set_slot(slot: usize) {
+    SLOT.with(|s| s.set(slot));
+}
+
 /// Worker threads per listener when the role does not say: one per core.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
@@ -130,7 +136,11 @@ impl Workers {
                 .spawn(move || {
                     // Slots wrap when there are more workers than cores; sharing one is only slower.
                     SLOT.with(|s| s.set(1 + index % (slots() - 1)));
-                    let _ = tx.send(runtime.block_on(serve(inbox)));
+                    let served = runtime.block_on(serve(inbox));
+                    // Pooled timers go while their runtime is still there.
+                    crate::timers::clear();
+                    drop(runtime);
+                    let _ = tx.send(served);
                 });
             if let Err(e) = spawned {
                 // The threads already running stop with the role.

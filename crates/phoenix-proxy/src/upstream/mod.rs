@@ -370,7 +370,7 @@ impl Service {
         let mut last = None;
         // Boxed so that wrapping it in the timeout moves a pointer, not the attempt's state machine.
         let attempts = Box::pin(self.send_with_retries(req, fields, &mut last));
-        match tokio::time::timeout(self.timeout, attempts).await {
+        match crate::timers::timeout(self.timeout, attempts).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
                 server: last.map_or_else(
