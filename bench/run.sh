@@ -24,7 +24,9 @@
 # listener offers TLS 1.2 and 1.3, so every chain negotiates TLS 1.3 with the clients (nginx 1.22
 # enables only up to TLS 1.2 unless told; `ssl_protocols` says so, as nginx >= 1.23.4 does by default).
 #
-# Figures (each the median over rounds; chains run one after the other within a round):
+# Figures (each the median over rounds; chains run one after the other within a round; the report
+# gives each chain's ratio to nginx both as the ratio of the medians and, for the rates, paired: the
+# median over rounds of the ratio within each round):
 #   ka        wrk -t1 -c$CONNS keep-alive: req/s, p50 and p99 latency
 #   close     wrk with `Connection: close`: one full TLS handshake per request, req/s
 #   h2        h2load -c$CONNS -m10 over HTTP/2 (ALPN h2), req/s
@@ -523,6 +525,27 @@ echo "|---|---:|---:|---:|---:|---:|---:|"
 for c in $CHAINS; do
   [ "$c" = direct ] && continue
   echo "| $c | $(ratio "$(M "$c" ka)" "$(M nginx ka)") | $(ratio "$(M "$c" p99)" "$(M nginx p99)") | $(ratio "$(M "$c" close)" "$(M nginx close)") | $(ratio "$(M "$c" h2)" "$(M nginx h2)") | $(ratio "$(M "$c" cpu)" "$(M nginx cpu)") | $(ratio "$(M "$c" idle)" "$(M nginx idle)") |"
+done
+# Paired: each round's figure over nginx's in the same round. The chains of a round run within a
+# minute of each other, the rounds several minutes apart, and the machine's speed drifts between
+# rounds more than within one; the median of the paired ratios is the steadier estimate.
+paired() { awk -v a="${R[$1.$2]:-}" -v b="${R[nginx.$2]:-}" 'BEGIN{
+  n = split(a, x, " "); m = split(b, y, " "); k = 0
+  for (i = 1; i <= n && i <= m; i++) if (y[i] > 0 && x[i] != "nan" && y[i] != "nan") r[++k] = x[i] / y[i]
+  if (k == 0) { print "-"; exit }
+  for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+  med = (k % 2) ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
+  s = ""; for (i = 1; i <= n && i <= m; i++) if (y[i] > 0) s = s sprintf("%s%.2f", (s == "" ? "" : ", "), x[i] / y[i])
+  printf "%.2f (%s)", med, s }'; }
+echo
+echo "Paired ratios to nginx: the median over rounds of each round's figure over nginx's in that round"
+echo "(the rounds' own ratios in brackets):"
+echo
+echo "| chain | keep-alive req/s | close req/s | h2 req/s |"
+echo "|---|---|---|---|"
+for c in $CHAINS; do
+  case $c in direct|nginx) continue;; esac
+  echo "| $c | $(paired "$c" ka) | $(paired "$c" close) | $(paired "$c" h2) |"
 done
 if want ka; then
   echo
