@@ -419,13 +419,13 @@ struct Conn<I> {
     /// Bytes to write, from `written` on.
     write: Vec<u8>,
     written: usize,
-    /// The last read returned `Pending`: the next one asks the socket's readiness first.
+    /// The last read left the stream drained: the next one asks the socket's readiness first.
     blocked: bool,
 }
 
 impl<I: AsyncRead + AsyncWrite + ReadReadiness + Unpin> Conn<I> {
-    /// Reads more into `read`. A read after one that found nothing asks the socket's readiness
-    /// first: the task is woken by the upstream and by body frames too (see `readiness`).
+    /// Reads more into `read`. A read after one that left the stream drained asks the socket's
+    /// readiness first: the task is woken by the upstream and by body frames too (see `readiness`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.blocked && self.io.poll_read_hint(cx).is_pending() {
             return Poll::Pending;

@@ -130,7 +130,7 @@ pub(crate) struct H1Conn {
     spans: Vec<[usize; 4]>,
     /// False once this connection must not carry another exchange.
     reusable: bool,
-    /// The last read returned `Pending`: the next one asks the socket's readiness first.
+    /// The last read left the stream drained: the next one asks the socket's readiness first.
     blocked: bool,
 }
 
@@ -230,9 +230,9 @@ impl H1Conn {
         }
     }
 
-    /// Reads what the socket has into `read`; `Ok(0)` at its end. A read after one that found
-    /// nothing asks the socket's readiness first: the request's task is woken by the client's side
-    /// too (see `readiness`).
+    /// Reads what the socket has into `read`; `Ok(0)` at its end. A read after one that left the
+    /// stream drained asks the socket's readiness first: the request's task is woken by the
+    /// client's side too (see `readiness`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.blocked && self.io.poll_read_hint(cx).is_pending() {
             return Poll::Pending;
