@@ -49,16 +49,18 @@ pub(crate) async fn timeout<F: Future>(limit: Duration, fut: F) -> Result<F::Out
         None => Box::pin(tokio::time::sleep_until(deadline)),
     };
     let mut fut = pin!(fut);
+    let mut waited = false;
     let result = poll_fn(|cx| {
         if let Poll::Ready(output) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
+        waited = true;
         sleep.as_mut().poll(cx).map(|()| Err(Elapsed))
     })
     .await;
     // Forgets this task's waker (a poll registers the one it is given); an elapsed timer has
-    // dropped it already.
-    if result.is_ok() {
+    // dropped it already, and one never polled never had it.
+    if waited && result.is_ok() {
         let _ = sleep.as_mut().poll(&mut Context::from_waker(Waker::noop()));
     }
     POOL.with(|pool| {
