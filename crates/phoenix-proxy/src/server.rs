@@ -13,11 +13,11 @@
 //! hyper sits `framing::FramingIo`, which follows HTTP/1.1 message boundaries so that a request with
 //! ambiguous framing (Content-Length with Transfer-Encoding, a repeated Content-Length) is answered
 //! 400 and the connection closed, where hyper would have normalised it. Under `h1_server`, which
-//! takes no such request, it sleeps, and starts at the handover. Limits: largest request head, number of header fields,
-//! an idle timeout: a connection with no request in flight for `idle_timeout` is closed gracefully
-//! (HTTP/2 GOAWAY); and a header-read timeout: an HTTP/1.1 request head must be complete within
-//! `header_read_timeout` of its first byte (the first head: of the connection's start), or the
-//! connection is cut. The scanner tells where heads begin, so this timer is ours rather than
+//! takes no such request, it sleeps, and starts at the handover. Limits: largest request head,
+//! number of header fields, an idle timeout: a connection with no request in flight for
+//! `idle_timeout` is closed gracefully (HTTP/2 GOAWAY); and a header-read timeout: an HTTP/1.1
+//! request head must be complete within `header_read_timeout` of its first byte (the first head: of
+//! the connection's start), or the connection is cut. The scanner tells where heads begin, so this timer is ours rather than
 //! hyper's, whose timer would also run while a keep-alive connection waits for its next request
 //! and so cut idle connections at the shorter timeout.
 //!

@@ -897,7 +897,7 @@ fn chunk_size(read: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
 /// head, then the socket.
 pub type Upgraded = crate::prefixed::Prefixed<UpstreamIo>;
 
-impl crate::readiness::ReadReadiness for UpstreamIo {
+impl ReadReadiness for UpstreamIo {
     fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
         match self {
             UpstreamIo::Tcp(s) => s.poll_read_hint(cx),
