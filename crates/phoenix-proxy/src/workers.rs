@@ -75,6 +75,44 @@ pub fn from_env() -> Result<usize, String> {
     }
 }
 
+/// Whether each worker thread is pinned to one CPU, from `PHOENIX_CPU_AFFINITY`: `off` (the
+/// default) or `cores`, which runs worker *i* of each listener on the *i*-th CPU the process may use
+/// (wrapping), like nginx's `worker_cpu_affinity auto`. A worker that stays on its core keeps its
+/// caches and is not moved by the scheduler between the client's and the backend's bursts; on a
+/// machine whose cores the backends share, the scheduler's freedom may be worth more.
+pub fn affinity_from_env() -> Result<bool, String> {
+    match std::env::var("PHOENIX_CPU_AFFINITY") {
+        Err(_) => Ok(false),
+        Ok(v) if v.trim().eq_ignore_ascii_case("off") => Ok(false),
+        Ok(v) if v.trim().eq_ignore_ascii_case("cores") => Ok(true),
+        Ok(v) => Err(format!(
+            "PHOENIX_CPU_AFFINITY={v:?} is not an affinity; give off (the default) or cores (one worker per CPU)"
+        )),
+    }
+}
+
+/// Pins the calling thread to the `index`-th CPU it may run on (wrapping). A failure is logged and
+/// leaves the thread where it was.
+fn pin_to_cpu(index: usize) {
+    use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+    let allowed = match sched_getaffinity(None) {
+        Ok(set) => set,
+        Err(e) => return tracing::warn!(error = %e, "reading the CPU affinity failed; not pinned"),
+    };
+    let cpus: Vec<usize> = (0..CpuSet::MAX_CPU)
+        .filter(|&c| allowed.is_set(c))
+        .collect();
+    let Some(&cpu) = cpus.get(index % cpus.len().max(1)) else {
+        return;
+    };
+    let mut one = CpuSet::new();
+    one.set(cpu);
+    match sched_setaffinity(None, &one) {
+        Ok(()) => tracing::debug!(worker = index, cpu, "worker pinned"),
+        Err(e) => tracing::warn!(error = %e, worker = index, cpu, "pinning a worker failed"),
+    }
+}
+
 /// A connection accepted for a worker: the socket, still to be registered with the worker's
 /// reactor, the peer, the connection cap's permit and the worker's load while it is open.
 pub(crate) struct Handoff {
@@ -118,6 +156,8 @@ impl Workers {
     {
         let serve = Arc::new(serve);
         let count = count.max(1);
+        // Checked before any port is bound by the role (`phoenix` refuses a bad value).
+        let pin = affinity_from_env().unwrap_or(false);
         let mut workers = Workers {
             inboxes: Vec::with_capacity(count),
             loads: Vec::with_capacity(count),
@@ -136,6 +176,9 @@ impl Workers {
                 .spawn(move || {
                     // Slots wrap when there are more workers than cores; sharing one is only slower.
                     SLOT.with(|s| s.set(1 + index % (slots() - 1)));
+                    if pin {
+                        pin_to_cpu(index);
+                    }
                     let served = runtime.block_on(serve(inbox));
                     // Pooled timers go while their runtime is still there.
                     crate::timers::clear();

@@ -274,6 +274,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     ) {
         // Refused before anything is bound, like a bad topology file.
         phoenix_proxy::workers::from_env().map_err(anyhow::Error::msg)?;
+        phoenix_proxy::workers::affinity_from_env().map_err(anyhow::Error::msg)?;
     }
     match command {
         Command::Ca { command } => run_ca(command),

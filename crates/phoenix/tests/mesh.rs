@@ -435,3 +435,90 @@ async fn workers_serve_the_listener_and_a_bad_count_is_refused_before_binding() 
     workers.sort();
     assert_eq!(workers, ["mesh-0", "mesh-1", "mesh-2"]);
 }
+
+/// `PHOENIX_CPU_AFFINITY=cores` pins worker i to the i-th CPU the process may use; a value that is
+/// neither `off` nor `cores` is refused before any port is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_affinity_pins_each_worker_to_a_cpu_and_a_bad_value_is_refused_before_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir_buf = tmp.path().to_owned();
+    let dir = dir_buf.as_path();
+    let backend = free_port();
+    let _whoami = start_whoami(dir, "w", backend);
+    let ca = TestCa::init(dir, "phoenix.test");
+    ca.issue("mesh.phoenix.test", "mesh");
+    let port = free_port();
+    let config = dir.join("phoenix.toml");
+    let body = format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{backend}\"]\n");
+    std::fs::write(&config, mesh_file(port, free_port(), "", &body)).unwrap();
+
+    let out = phoenix()
+        .env("PHOENIX_CPU_AFFINITY", "sometimes")
+        .arg("mesh")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad affinity was accepted");
+    assert!(err.contains("PHOENIX_CPU_AFFINITY"), "{err}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "a port was bound"
+    );
+
+    let mut cmd = phoenix();
+    cmd.env("PHOENIX_CPU_AFFINITY", "cores")
+        .env("PHOENIX_WORKERS", "3")
+        .arg("mesh")
+        .arg("--config")
+        .arg(&config);
+    let mut proc = Proc::start("mesh", cmd, dir);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for_port(addr, &mut proc);
+    let mesh = Mesh {
+        _tmp: tmp,
+        dir: dir.to_owned(),
+        ca,
+        config: config.clone(),
+        addr,
+        proc,
+    };
+    let (status, _) = mesh.get(&mesh.client(), "app.phoenix.test", "/").await;
+    assert_eq!(status, 200);
+
+    // The CPUs this process may use, as the kernel lists them ("0-1", "0,2-3").
+    let allowed_of = |status: &str| -> Vec<usize> {
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        list.split(',')
+            .flat_map(|range| match range.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+                None => vec![range.parse().unwrap()],
+            })
+            .collect()
+    };
+    let ours = allowed_of(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let pid = mesh.proc.child.id();
+    let mut pinned: Vec<(String, Vec<usize>)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let path = t.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm"))
+                .ok()?
+                .trim()
+                .to_owned();
+            let status = std::fs::read_to_string(path.join("status")).ok()?;
+            name.starts_with("mesh-")
+                .then(|| (name, allowed_of(&status)))
+        })
+        .collect();
+    pinned.sort();
+    let expected: Vec<(String, Vec<usize>)> = (0..3)
+        .map(|i| (format!("mesh-{i}"), vec![ours[i % ours.len()]]))
+        .collect();
+    assert_eq!(pinned, expected);
+}
