@@ -370,55 +370,87 @@ fn sigterm_drains_and_exits_zero() {
     assert!(mesh.proc.terminate().success(), "{}", mesh.proc.log());
 }
 
+/// A mesh topology in a fresh directory with one whoami backend, not started yet: what the tests of
+/// the worker settings start with different environments.
+struct WorkerSetup {
+    tmp: tempfile::TempDir,
+    ca: TestCa,
+    config: PathBuf,
+    port: u16,
+}
+
+impl WorkerSetup {
+    /// The setup, and the backend (stopped when dropped).
+    fn new() -> (WorkerSetup, Proc) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let backend = free_port();
+        let whoami = start_whoami(dir, "w", backend);
+        let ca = TestCa::init(dir, "phoenix.test");
+        ca.issue("mesh.phoenix.test", "mesh");
+        let port = free_port();
+        let config = dir.join("phoenix.toml");
+        let body =
+            format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{backend}\"]\n");
+        std::fs::write(&config, mesh_file(port, free_port(), "", &body)).unwrap();
+        let setup = WorkerSetup {
+            tmp,
+            ca,
+            config,
+            port,
+        };
+        (setup, whoami)
+    }
+
+    /// `var=value` makes the mesh exit with a message naming `var`, before its port is bound.
+    fn refused_before_binding(&self, var: &str, value: &str) {
+        let out = phoenix()
+            .env(var, value)
+            .arg("mesh")
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        assert!(err.contains(var), "{var}={value}: {err}");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err(),
+            "{var}={value}: a port was bound"
+        );
+    }
+
+    /// Starts the mesh with `env` and waits for its port.
+    fn start(self, env: &[(&str, &str)]) -> Mesh {
+        let dir = self.tmp.path().to_owned();
+        let mut cmd = phoenix();
+        cmd.envs(env.iter().copied())
+            .arg("mesh")
+            .arg("--config")
+            .arg(&self.config);
+        let mut proc = Proc::start("mesh", cmd, &dir);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        wait_for_port(addr, &mut proc);
+        Mesh {
+            _tmp: self.tmp,
+            dir,
+            ca: self.ca,
+            config: self.config,
+            addr,
+            proc,
+        }
+    }
+}
+
 /// `PHOENIX_WORKERS` sets how many threads serve the TLS listener (each with its own runtime, see
 /// phoenix_proxy::workers); a value that is not a count is refused before any port is bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_serve_the_listener_and_a_bad_count_is_refused_before_binding() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir_buf = tmp.path().to_owned();
-    let dir = dir_buf.as_path();
-    let backend = free_port();
-    let _whoami = start_whoami(dir, "w", backend);
-    let ca = TestCa::init(dir, "phoenix.test");
-    ca.issue("mesh.phoenix.test", "mesh");
-    let port = free_port();
-    let config = dir.join("phoenix.toml");
-    let body = format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{backend}\"]\n");
-    std::fs::write(&config, mesh_file(port, free_port(), "", &body)).unwrap();
-
+    let (setup, _whoami) = WorkerSetup::new();
     for bad in ["0", "many", "5000"] {
-        let out = phoenix()
-            .env("PHOENIX_WORKERS", bad)
-            .arg("mesh")
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "PHOENIX_WORKERS={bad} was accepted");
-        assert!(err.contains("PHOENIX_WORKERS"), "{bad}: {err}");
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "PHOENIX_WORKERS={bad}: a port was bound"
-        );
+        setup.refused_before_binding("PHOENIX_WORKERS", bad);
     }
-
-    let mut cmd = phoenix();
-    cmd.env("PHOENIX_WORKERS", "3")
-        .arg("mesh")
-        .arg("--config")
-        .arg(&config);
-    let mut proc = Proc::start("mesh", cmd, dir);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for_port(addr, &mut proc);
-    let mesh = Mesh {
-        _tmp: tmp,
-        dir: dir.to_owned(),
-        ca,
-        config: config.clone(),
-        addr,
-        proc,
-    };
+    let mesh = setup.start(&[("PHOENIX_WORKERS", "3")]);
     // Every connection is served, whichever worker accepted it.
     for _ in 0..20 {
         let (status, body) = mesh.get(&mesh.client(), "app.phoenix.test", "/").await;
@@ -440,50 +472,9 @@ async fn workers_serve_the_listener_and_a_bad_count_is_refused_before_binding() 
 /// neither `off` nor `cores` is refused before any port is bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_affinity_pins_each_worker_to_a_cpu_and_a_bad_value_is_refused_before_binding() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir_buf = tmp.path().to_owned();
-    let dir = dir_buf.as_path();
-    let backend = free_port();
-    let _whoami = start_whoami(dir, "w", backend);
-    let ca = TestCa::init(dir, "phoenix.test");
-    ca.issue("mesh.phoenix.test", "mesh");
-    let port = free_port();
-    let config = dir.join("phoenix.toml");
-    let body = format!("[[service]]\nname = \"app\"\nservers = [\"http://127.0.0.1:{backend}\"]\n");
-    std::fs::write(&config, mesh_file(port, free_port(), "", &body)).unwrap();
-
-    let out = phoenix()
-        .env("PHOENIX_CPU_AFFINITY", "sometimes")
-        .arg("mesh")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a bad affinity was accepted");
-    assert!(err.contains("PHOENIX_CPU_AFFINITY"), "{err}");
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "a port was bound"
-    );
-
-    let mut cmd = phoenix();
-    cmd.env("PHOENIX_CPU_AFFINITY", "cores")
-        .env("PHOENIX_WORKERS", "3")
-        .arg("mesh")
-        .arg("--config")
-        .arg(&config);
-    let mut proc = Proc::start("mesh", cmd, dir);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for_port(addr, &mut proc);
-    let mesh = Mesh {
-        _tmp: tmp,
-        dir: dir.to_owned(),
-        ca,
-        config: config.clone(),
-        addr,
-        proc,
-    };
+    let (setup, _whoami) = WorkerSetup::new();
+    setup.refused_before_binding("PHOENIX_CPU_AFFINITY", "sometimes");
+    let mesh = setup.start(&[("PHOENIX_CPU_AFFINITY", "cores"), ("PHOENIX_WORKERS", "3")]);
     let (status, _) = mesh.get(&mesh.client(), "app.phoenix.test", "/").await;
     assert_eq!(status, 200);
 
