@@ -248,7 +248,15 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PHOENIX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter =
+        EnvFilter::try_from_env("PHOENIX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The configuration watcher's crate logs every file event at debug and trace. With the log
+    // written into a watched directory, each of those lines is itself an event: at `trace` a log
+    // beside the topology file grew without end. It speaks at `warn` unless named on its own.
+    let named = std::env::var("PHOENIX_LOG").is_ok_and(|v| v.contains("notify"));
+    if !named {
+        filter = filter.add_directive("notify=warn".parse().expect("a valid directive"));
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -513,3 +513,29 @@ async fn cpu_affinity_pins_each_worker_to_a_cpu_and_a_bad_value_is_refused_befor
         .collect();
     assert_eq!(pinned, expected);
 }
+
+/// `PHOENIX_LOG=trace` with the log beside the topology file: the configuration watcher sees the
+/// log change, and its crate logged each event at trace, which changed the log again, without end
+/// (55 GB in an hour on a development machine). The watcher's crate now speaks at `warn` unless
+/// `PHOENIX_LOG` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_log_beside_the_topology_file_does_not_feed_itself() {
+    let (setup, _whoami) = WorkerSetup::new();
+    let mesh = setup.start(&[("PHOENIX_LOG", "trace")]);
+    let (status, _) = mesh.get(&mesh.client(), "app.phoenix.test", "/").await;
+    assert_eq!(status, 200);
+    let first = mesh.proc.log().len();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let log = mesh.proc.log();
+    let then = log.len();
+    assert!(
+        !log.contains("notify::inotify"),
+        "the watcher's own events are logged"
+    );
+    // Idle, the mesh writes next to nothing: a loop writes megabytes a second.
+    assert!(
+        then - first < 64 * 1024,
+        "the log grew by {} bytes in 2 s while idle",
+        then - first
+    );
+}
