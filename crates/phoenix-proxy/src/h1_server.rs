@@ -41,7 +41,7 @@ use crate::framing::Verdicts;
 use crate::gate::Gate;
 use crate::plain::WireFields;
 use crate::proxy::{ConnInfo, Proxy};
-use crate::readiness::ReadReadiness;
+use crate::readiness::{Drained, ReadReadiness};
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// What one read of the socket asks for at least.
@@ -106,7 +106,7 @@ where
         read: BytesMut::new(),
         write: Vec::new(),
         written: 0,
-        blocked: false,
+        drained: Drained::default(),
     };
     let gate = Gate::new();
     let mut shutdown = pin!(shutdown.cancelled());
@@ -419,20 +419,19 @@ struct Conn<I> {
     /// Bytes to write, from `written` on.
     write: Vec<u8>,
     written: usize,
-    /// The last read left the stream drained: the next one asks the socket's readiness first.
-    blocked: bool,
+    /// Whether the next read asks the socket's readiness first (see `readiness`).
+    drained: Drained,
 }
 
 impl<I: AsyncRead + AsyncWrite + ReadReadiness + Unpin> Conn<I> {
     /// Reads more into `read`. A read after one that left the stream drained asks the socket's
     /// readiness first: the task is woken by the upstream and by body frames too (see `readiness`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.blocked && self.io.poll_read_hint(cx).is_pending() {
+        if self.drained.skip(&self.io, cx) {
             return Poll::Pending;
         }
         let read = self.poll_read_more(cx);
-        self.blocked = crate::readiness::drained(&read);
-        read.map_ok(|(n, _)| n)
+        self.drained.after(read)
     }
 
     /// One read: the bytes read, and the room there was for them.

@@ -9,7 +9,7 @@
 //!
 //! [`ReadReadiness::poll_read_hint`] answers the same question from the socket's readiness flag
 //! alone, once nothing waits decrypted above the socket. It is asked only when the last read of the
-//! stream left it drained ([`drained`]): it returned `Pending`, or fewer bytes than it had room for.
+//! stream left it drained ([`Drained`]): it returned `Pending`, or fewer bytes than it had room for.
 //! A short read means that the stream below ran out: tokio-rustls reads on until its plaintext runs
 //! out or the socket has nothing more, and tokio clears a socket's readiness after a short read.
 //! The one thing a short read can leave behind is an error that tokio-rustls keeps for the next
@@ -22,13 +22,30 @@ use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
 
-/// Whether a read (its bytes and the room it had) left the stream drained: the next read of it
-/// may ask [`ReadReadiness::poll_read_hint`] first.
-pub(crate) fn drained(read: &Poll<io::Result<(usize, usize)>>) -> bool {
-    match read {
-        Poll::Pending => true,
-        Poll::Ready(Ok((n, room))) => 0 < *n && n < room,
-        Poll::Ready(Err(_)) => false,
+/// What a stream's reader keeps between reads: whether the last read left the stream drained (it
+/// returned `Pending`, or fewer bytes than it had room for), so that the next asks
+/// [`ReadReadiness::poll_read_hint`] first.
+#[derive(Debug, Default)]
+pub(crate) struct Drained(bool);
+
+impl Drained {
+    /// Whether the next read can be skipped: the stream was drained and nothing new came (the
+    /// task's waker is then registered for the socket's readiness).
+    pub(crate) fn skip(&self, io: &impl ReadReadiness, cx: &mut Context<'_>) -> bool {
+        self.0 && io.poll_read_hint(cx).is_pending()
+    }
+
+    /// Notes what a read returned (its bytes and the room it had) and passes on the bytes' count.
+    pub(crate) fn after(
+        &mut self,
+        read: Poll<io::Result<(usize, usize)>>,
+    ) -> Poll<io::Result<usize>> {
+        self.0 = match read {
+            Poll::Pending => true,
+            Poll::Ready(Ok((n, room))) => 0 < n && n < room,
+            Poll::Ready(Err(_)) => false,
+        };
+        read.map_ok(|(n, _)| n)
     }
 }
 
@@ -36,7 +53,7 @@ pub(crate) fn drained(read: &Poll<io::Result<(usize, usize)>>) -> bool {
 pub(crate) trait ReadReadiness {
     /// `Pending` when a read would certainly return `Pending`, with the task's waker registered
     /// for the socket's next readiness (as a read would register it); `Ready` when a read may make
-    /// progress. To be asked only after a read that left the stream [`drained`].
+    /// progress. To be asked only after a read that left the stream [`Drained`].
     fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()>;
 }
 

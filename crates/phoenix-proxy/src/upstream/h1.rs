@@ -46,7 +46,7 @@ use tokio_rustls::client::TlsStream;
 use crate::body::{BoxError, UpstreamBody};
 use crate::forward::list_elements;
 use crate::plain::{split_response, WireFields};
-use crate::readiness::ReadReadiness;
+use crate::readiness::{Drained, ReadReadiness};
 use crate::wire::{decimal, fields, push_decimal, push_field, push_hex, span};
 
 /// Largest response head accepted from a server.
@@ -130,8 +130,8 @@ pub(crate) struct H1Conn {
     spans: Vec<[usize; 4]>,
     /// False once this connection must not carry another exchange.
     reusable: bool,
-    /// The last read left the stream drained: the next one asks the socket's readiness first.
-    blocked: bool,
+    /// Whether the next read asks the socket's readiness first (see `readiness`).
+    drained: Drained,
 }
 
 impl H1Conn {
@@ -147,7 +147,7 @@ impl H1Conn {
             sending: None,
             spans: Vec::new(),
             reusable: true,
-            blocked: false,
+            drained: Drained::default(),
         }
     }
 
@@ -234,7 +234,7 @@ impl H1Conn {
     /// stream drained asks the socket's readiness first: the request's task is woken by the
     /// client's side too (see `readiness`).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.blocked && self.io.poll_read_hint(cx).is_pending() {
+        if self.drained.skip(&self.io, cx) {
             return Poll::Pending;
         }
         if self.read.capacity() - self.read.len() < READ_SIZE / 4 {
@@ -243,8 +243,7 @@ impl H1Conn {
         let room = self.read.capacity() - self.read.len();
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
             .map_ok(|n| (n, room));
-        self.blocked = crate::readiness::drained(&read);
-        read.map_ok(|(n, _)| n)
+        self.drained.after(read)
     }
 
     /// Reads more of a chunked body's framing, which must fit in `limit` bytes.
