@@ -15,9 +15,10 @@ mod up;
 
 /// mimalloc instead of glibc malloc: the proxy path allocates and frees many small, short-lived
 /// buffers on every worker thread of the runtime, and glibc malloc took about 13% of the proxies'
-/// cycles in `bench/run.sh` profiles (docs/BENCHMARKS.md).
+/// cycles in `bench/run.sh` profiles (docs/BENCHMARKS.md). `phoenix_alloc` says why it is not the
+/// `mimalloc` crate's allocator.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: phoenix_alloc::Mimalloc = phoenix_alloc::Mimalloc;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
