@@ -524,18 +524,16 @@ impl Proxy {
         let started = log.started;
 
         let sent_at = traced.as_ref().map(|_| Instant::now());
-        // Boxed: the upstream future is large (pool, TLS connect, retries), and hyper moves the
-        // request future into its connection state for every request; a pointer moves cheaply where
-        // the whole state machine was copied (memmove was the top user-space symbol of the proxy in
-        // profiles of bench/run.sh).
-        let result = Box::pin(send(
-            &target.service,
-            upstream_req,
-            fields.as_ref(),
-            retry,
-            template,
-        ))
-        .await;
+        // The retry loop is boxed: its state (the request's template, the back-off timer) is
+        // larger than the rest of this future, which hyper moves into its connection state for
+        // every request. A single attempt's state is small: `send_with` boxes the upstream
+        // exchange itself.
+        let result = match (retry, template) {
+            (Some(retry), Some(template)) => {
+                Box::pin(send_retrying(&target.service, upstream_req, retry, template)).await
+            }
+            _ => target.service.send_with(upstream_req, fields.as_ref()).await,
+        };
         let upstream_time = sent_at.map(|t| t.elapsed());
         match result {
             Ok(Upstreamed {
@@ -719,7 +717,7 @@ impl Proxy {
     }
 }
 
-/// What the request template of a retried request keeps (see `send`).
+/// What the request template of a retried request keeps (see `send_retrying`).
 type Template = (Method, http::Uri, Version, http::HeaderMap);
 
 /// A request routed and rewritten, ready for its service, with what its response needs.
@@ -740,17 +738,14 @@ pub(crate) struct Exchange {
     guard: InFlightGuard,
 }
 
-/// Sends with the route's retry policy (only for requests without a body, which can be rebuilt).
-async fn send(
+/// Sends with the route's retry policy (only for requests without a body, which can be rebuilt
+/// from `template`; such a request is never a plain one, whose fields are not in its map).
+async fn send_retrying(
     service: &Arc<Service>,
     req: Request<UpstreamBody>,
-    fields: Option<&WireFields>,
-    retry: Option<RetryConfig>,
-    template: Option<Template>,
+    retry: RetryConfig,
+    (method, uri, version, headers): Template,
 ) -> Result<Upstreamed, UpstreamError> {
-    let (Some(retry), Some((method, uri, version, headers))) = (retry, template) else {
-        return service.send_with(req, fields).await;
-    };
     let mut wait = retry.initial_interval;
     let mut attempt = 1;
     let mut req = req;
