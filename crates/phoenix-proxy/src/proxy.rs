@@ -411,11 +411,16 @@ impl Proxy {
             return None;
         }
         let uri = http::Uri::from_maybe_shared(head.slice(target)).ok()?;
-        let client_ip = forward::client_ip_of(
-            conn.peer.ip(),
-            scan.x_forwarded_for,
-            &self.settings.trusted_proxies,
-        );
+        // The client behind trusted proxies is resolved only for a table that routes by it.
+        let client_ip = if table.reads_client_ip() {
+            forward::client_ip_of(
+                conn.peer.ip(),
+                scan.x_forwarded_for,
+                &self.settings.trusted_proxies,
+            )
+        } else {
+            conn.peer.ip()
+        };
         static NO_FIELDS: OnceLock<http::HeaderMap> = OnceLock::new();
         let view = RequestView {
             method,
@@ -530,9 +535,20 @@ impl Proxy {
         // exchange itself.
         let result = match (retry, template) {
             (Some(retry), Some(template)) => {
-                Box::pin(send_retrying(&target.service, upstream_req, retry, template)).await
+                Box::pin(send_retrying(
+                    &target.service,
+                    upstream_req,
+                    retry,
+                    template,
+                ))
+                .await
             }
-            _ => target.service.send_with(upstream_req, fields.as_ref()).await,
+            _ => {
+                target
+                    .service
+                    .send_with(upstream_req, fields.as_ref())
+                    .await
+            }
         };
         let upstream_time = sent_at.map(|t| t.elapsed());
         match result {

@@ -42,6 +42,8 @@ pub struct Router<T> {
     any_host: Box<[u32]>,
     /// Some rule looks at header fields.
     reads_headers: bool,
+    /// Some rule looks at the client's address.
+    reads_client_ip: bool,
 }
 
 impl<T> Router<T> {
@@ -87,6 +89,7 @@ impl<T> Router<T> {
         }
         Ok(Router {
             reads_headers: compiled.iter().any(|r| r.rule.reads_headers()),
+            reads_client_ip: compiled.iter().any(|r| r.rule.reads_client_ip()),
             routes: compiled,
             by_host: by_host
                 .into_iter()
@@ -100,6 +103,12 @@ impl<T> Router<T> {
     /// headers in its view.
     pub fn reads_headers(&self) -> bool {
         self.reads_headers
+    }
+
+    /// Whether some rule looks at the client's address: without such a rule, `route` does not read
+    /// `RequestView::client_ip`.
+    pub fn reads_client_ip(&self) -> bool {
+        self.reads_client_ip
     }
 
     /// The target of the first route, in priority order, whose rule matches the request.

@@ -50,7 +50,8 @@ pub struct RequestView<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
     /// Address of the client as the proxy believes it (the TCP peer, or the forwarded address when the
-    /// peer is a trusted proxy).
+    /// peer is a trusted proxy). Only `ClientIP` reads it: for a table without one
+    /// (`RouteTable::reads_client_ip`), a caller may leave the TCP peer here unresolved.
     pub client_ip: IpAddr,
 }
 
@@ -88,7 +89,14 @@ impl Rule {
     /// Whether the rule looks at request header fields (`Header`, `HeaderRegexp`); a table whose
     /// rules do not can route a request before its fields are in a header map (see `plain`).
     pub fn reads_headers(&self) -> bool {
-        self.expr.reads_headers()
+        self.expr
+            .reads(|m| matches!(m, Matcher::Header { .. } | Matcher::HeaderRegexp { .. }))
+    }
+
+    /// Whether the rule looks at the client's address (`ClientIP`); a table whose rules do not
+    /// routes without resolving it from `X-Forwarded-For` (see `RequestView::client_ip`).
+    pub fn reads_client_ip(&self) -> bool {
+        self.expr.reads(|m| matches!(m, Matcher::ClientIp(..)))
     }
 
     pub fn parse(src: &str) -> Result<Rule, RuleError> {
@@ -170,11 +178,12 @@ impl Expr {
         }
     }
 
-    fn reads_headers(&self) -> bool {
+    /// Whether some matcher of the expression is one that `which` picks.
+    fn reads(&self, which: fn(&Matcher) -> bool) -> bool {
         match self {
-            Expr::And(all) | Expr::Or(all) => all.iter().any(Expr::reads_headers),
-            Expr::Not(a) => a.reads_headers(),
-            Expr::Match(m) => matches!(m, Matcher::Header { .. } | Matcher::HeaderRegexp { .. }),
+            Expr::And(all) | Expr::Or(all) => all.iter().any(|e| e.reads(which)),
+            Expr::Not(a) => a.reads(which),
+            Expr::Match(m) => which(m),
         }
     }
 }
@@ -1247,6 +1256,26 @@ mod tests {
         check(
             "QueryRegexp(`v`, `^A{200}$`)",
             &[(Req::new("h", "/").query(long), true)],
+        );
+    }
+
+    /// What a rule reads decides what the plain path must resolve before routing: header
+    /// fields in a map, the client behind trusted proxies. Found under `&&`, `||` and `!`.
+    #[test]
+    fn a_rule_says_whether_it_reads_fields_or_the_client_address() {
+        let reads = |src: &str| {
+            let rule = Rule::parse(src).unwrap();
+            (rule.reads_headers(), rule.reads_client_ip())
+        };
+        assert_eq!(reads("Host(`a.test`) && PathPrefix(`/x`)"), (false, false));
+        assert_eq!(
+            reads("Host(`a.test`) || !ClientIP(`10.0.0.0/8`)"),
+            (false, true)
+        );
+        assert_eq!(reads("Header(`X-A`, `1`) && Method(`GET`)"), (true, false));
+        assert_eq!(
+            reads("(HeaderRegexp(`X-A`, `^1`) || Path(`/`)) && ClientIP(`::1`)"),
+            (true, true)
         );
     }
 

@@ -258,6 +258,11 @@ impl RouteTable {
         self.router.reads_headers()
     }
 
+    /// See `Router::reads_client_ip`.
+    pub fn reads_client_ip(&self) -> bool {
+        self.router.reads_client_ip()
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }

@@ -159,3 +159,60 @@ async fn a_streamed_body_is_chunked_with_trailers_for_clients_that_take_them() {
         assert!(got.closed);
     }
 }
+
+/// `ClientIP` routes by the client behind trusted proxies (the rightmost `X-Forwarded-For` entry
+/// that is not one of them), and by the TCP peer when the peer is not trusted, on requests this
+/// server takes. (The address is resolved only for a table with a `ClientIP` rule.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_routing_resolves_the_client_behind_trusted_proxies() {
+    let pki = Pki::new();
+    let near = Recorder::start().await;
+    let far = Recorder::start().await;
+    let mut routing = routing_to(near.addr);
+    let mut service = routing.services[0].clone();
+    service.name = "far".to_owned();
+    service.servers = vec![phoenix_proxy::config::ServerConfig::Url(format!(
+        "http://{}",
+        far.addr
+    ))];
+    routing.services.push(service);
+    let mut route = routing.routes[0].clone();
+    route.name = Some("far".to_owned());
+    route.rule = "ClientIP(`203.0.113.7`)".to_owned();
+    route.service = "far".to_owned();
+    route.priority = Some(100);
+    routing.routes.push(route);
+    let requests = format!(
+        "GET /a HTTP/1.1\r\nHost: {HOST}\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n\
+         GET /b HTTP/1.1\r\nHost: {HOST}\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n\
+         GET /c HTTP/1.1\r\nHost: {HOST}\r\n\r\n\
+         GET /d HTTP/1.1\r\nHost: {HOST}\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9\r\n\r\n\
+         GET /e HTTP/1.1\r\nHost: {HOST}\r\nX-Forwarded-For: 203.0.113.7, 198.51.100.1\r\nConnection: close\r\n\r\n"
+    );
+    let targets = |recorder: &Recorder| -> Vec<String> {
+        let seen = recorder.requests().into_iter().map(|r| r.target).collect();
+        recorder.clear();
+        seen
+    };
+
+    let loopback = vec!["127.0.0.0/8".parse().unwrap()];
+    let proxy = start_proxy_trusting(
+        &pki,
+        Role::Mesh,
+        ListenerLimits::default(),
+        &routing,
+        loopback,
+    )
+    .await;
+    let got = raw_http1(&pki, proxy.addr, HOST, requests.as_bytes(), WAIT).await;
+    assert_eq!(got.responses(), 5, "{}", got.text);
+    assert_eq!(targets(&far), ["/a", "/d"]);
+    assert_eq!(targets(&near), ["/b", "/c", "/e"]);
+
+    // From a peer that is not trusted, its forwarding fields say nothing about the client.
+    let proxy = start_proxy_with(&pki, Role::Mesh, ListenerLimits::default(), &routing).await;
+    let got = raw_http1(&pki, proxy.addr, HOST, requests.as_bytes(), WAIT).await;
+    assert_eq!(got.responses(), 5, "{}", got.text);
+    assert_eq!(targets(&far), Vec::<String>::new());
+    assert_eq!(targets(&near), ["/a", "/b", "/c", "/d", "/e"]);
+}

@@ -287,6 +287,17 @@ pub async fn start_proxy_with(
     limits: ListenerLimits,
     routing: &RoutingConfig,
 ) -> Running {
+    start_proxy_trusting(pki, role, limits, routing, Vec::new()).await
+}
+
+/// `start_proxy_with`, taking the forwarding fields of peers in `trusted_proxies`.
+pub async fn start_proxy_trusting(
+    pki: &Pki,
+    role: Role,
+    limits: ListenerLimits,
+    routing: &RoutingConfig,
+    trusted_proxies: Vec<ipnet::IpNet>,
+) -> Running {
     install_provider();
     let nets: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
     let ctx = BuildContext {
@@ -306,7 +317,7 @@ pub async fn start_proxy_with(
     resolver.set_default(pki.leaf());
     let settings = ProxySettings {
         limits,
-        trusted_proxies: Vec::new(),
+        trusted_proxies,
         access_log: false,
         allowed_client_names: Vec::new(),
         role: match role {
