@@ -732,6 +732,78 @@ async fn upstream_errors_are_502_and_504_with_request_id() {
     assert_eq!(resp.status(), 200);
 }
 
+/// The `retry` middleware sends a failed request again after a back-off that doubles, until its
+/// attempts are used: a server that starts listening while the request waits is reached. A route
+/// without it answers 502 at once, and a timeout is not tried again (it used the request's time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_reaches_a_server_that_comes_up_and_does_not_repeat_a_timeout() {
+    let pki = Pki::new("Retry Root");
+    let app = backend("app").await;
+    // A port with nothing listening until the server below binds it.
+    let late = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut late_service = service("late", &[format!("http://{late}")]);
+    late_service.retries = 0;
+    let mut slow = service("slow", &[format!("http://{}", app.addr)]);
+    slow.timeout = Some(Duration::from_millis(300));
+    let again = MiddlewareConfig {
+        retry: Some(phoenix_proxy::config::RetryConfig {
+            attempts: 5,
+            initial_interval: Duration::from_millis(100),
+        }),
+        ..MiddlewareConfig::default()
+    };
+    let routing = RoutingConfig {
+        domain: Some("phoenix.test".to_owned()),
+        services: vec![late_service, slow],
+        routes: vec![
+            route("PathPrefix(`/retried`)", "late", &["again"]),
+            route("PathPrefix(`/once`)", "late", &[]),
+            route("PathPrefix(`/delay`)", "slow", &["again"]),
+        ],
+        middlewares: BTreeMap::from([("again".to_owned(), again)]),
+    };
+    let mesh = start_mesh(&pki, &routing, MeshOptions::default()).await;
+    let c = client(&pki, mesh.addr);
+    let get = |path: &str| c.get(url("mesh.phoenix.test", mesh.addr, path)).send();
+
+    let started = Instant::now();
+    assert_eq!(get("/once").await.unwrap().status(), 502);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "no back-off without retry"
+    );
+
+    // Attempts at 0, 100 and 300 ms (waits of 100, then 200): the server is up from 250 ms.
+    let token = CancellationToken::new();
+    let _stop = token.clone().drop_guard();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let listener = TcpListener::bind(late).await.unwrap();
+        whoami::serve(listener, "late".to_owned(), token).await
+    });
+    let started = Instant::now();
+    let resp = get("/retried/x").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["name"], "late");
+    assert!(
+        took >= Duration::from_millis(250),
+        "answered after {took:?}"
+    );
+
+    let started = Instant::now();
+    assert_eq!(get("/delay/2").await.unwrap().status(), 504);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1000),
+        "one 300 ms attempt, not five: {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_events_arrive_while_the_backend_is_still_writing() {
     let pki = Pki::new("SSE Root");
