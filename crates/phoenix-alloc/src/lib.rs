@@ -35,35 +35,44 @@ fn plain_fits(align: usize, size: usize) -> bool {
     align <= MIN_ALIGN && align <= size
 }
 
+/// A block for `layout` from `plain` (`mi_malloc`, `mi_zalloc`) when it is aligned enough, from
+/// `aligned` (their `_aligned` forms) otherwise.
+///
+/// # Safety
+///
+/// `plain` and `aligned` are mimalloc allocation functions of that shape.
+#[inline]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: mimalloc's allocation functions take any size; `align` is a power of two (a
+    // `Layout` guarantees it), which the aligned ones require.
+    unsafe {
+        if plain_fits(align, size) {
+            plain(size).cast()
+        } else {
+            aligned(size, align).cast()
+        }
+    }
+}
+
 // SAFETY: every method hands mimalloc a layout the `GlobalAlloc` contract made valid, and returns
 // what mimalloc returned: null on failure, otherwise a block of at least the size asked for, aligned
 // as the layout asks (by `plain_fits` for the plain entry points, by mimalloc for the aligned ones).
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: mimalloc's allocation functions take any size; `align` is a power of two (a
-        // `Layout` guarantees it), which `mi_malloc_aligned` requires.
-        unsafe {
-            if plain_fits(align, size) {
-                mi::mi_malloc(size).cast()
-            } else {
-                mi::mi_malloc_aligned(size, align).cast()
-            }
-        }
+        // SAFETY: both are mimalloc's allocation functions.
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        // SAFETY: as in `alloc`.
-        unsafe {
-            if plain_fits(align, size) {
-                mi::mi_zalloc(size).cast()
-            } else {
-                mi::mi_zalloc_aligned(size, align).cast()
-            }
-        }
+        // SAFETY: both are mimalloc's allocation functions.
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]

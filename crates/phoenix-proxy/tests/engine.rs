@@ -144,6 +144,15 @@ fn route(rule: &str, service: &str, middlewares: &[&str]) -> RouteConfig {
     }
 }
 
+/// A loopback address with nothing listening: bound, noted, closed.
+async fn unused_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn loopback() -> Vec<ipnet::IpNet> {
     vec!["127.0.0.0/8".parse().unwrap()]
 }
@@ -673,12 +682,7 @@ async fn plain_and_header_map_paths_forward_the_same_fields() {
 async fn upstream_errors_are_502_and_504_with_request_id() {
     let pki = Pki::new("Errors Root");
     let app = backend("app").await;
-    // A port with nothing listening: bind, note, close.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = unused_port().await;
     let mut slow = service("slow", &[format!("http://{}", app.addr)]);
     slow.timeout = Some(Duration::from_millis(300));
     let mut down = service("down", &[format!("http://{closed}")]);
@@ -739,12 +743,8 @@ async fn upstream_errors_are_502_and_504_with_request_id() {
 async fn retry_reaches_a_server_that_comes_up_and_does_not_repeat_a_timeout() {
     let pki = Pki::new("Retry Root");
     let app = backend("app").await;
-    // A port with nothing listening until the server below binds it.
-    let late = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Nothing listens there until the server below binds it.
+    let late = unused_port().await;
     let mut late_service = service("late", &[format!("http://{late}")]);
     late_service.retries = 0;
     let mut slow = service("slow", &[format!("http://{}", app.addr)]);
