@@ -10,11 +10,10 @@
 //! request (one to a few KB each), so a few allocations per request and hop took that path: about
 //! 800 instructions per request and hop (`docs/BENCHMARKS.md`, change 31).
 //!
-//! mimalloc aligns every block of 16 bytes or more to 16 bytes, and every smaller one to its
-//! size's word multiple (`MI_MAX_ALIGN_SIZE`; its `alloc.c` asserts it), which is what glibc's
-//! malloc promises and what Rust's own `System` allocator relies on for the same shortcut. So a
-//! layout whose alignment is at most 16 and at most its size is served by `mi_malloc`; any other
-//! by `mi_malloc_aligned`.
+//! mimalloc aligns every block of 16 bytes or more to 16 bytes (`MI_MAX_ALIGN_SIZE`; its `alloc.c`
+//! asserts it) and a smaller one to 8, which is what glibc's malloc promises and what Rust's own
+//! `System` allocator relies on for the same shortcut. So a layout whose alignment is at most 16
+//! and at most its size is served by `mi_malloc`; any other by `mi_malloc_aligned`.
 //!
 //! A `GlobalAlloc` implementation is `unsafe` by definition: this is the workspace's one crate
 //! without `forbid(unsafe_code)`, and it holds nothing else. Each `unsafe` block says why it holds.
