@@ -17,9 +17,9 @@
 //! number of header fields, an idle timeout: a connection with no request in flight for
 //! `idle_timeout` is closed gracefully (HTTP/2 GOAWAY); and a header-read timeout: an HTTP/1.1
 //! request head must be complete within `header_read_timeout` of its first byte (the first head: of
-//! the connection's start), or the connection is cut. The scanner tells where heads begin, so this timer is ours rather than
-//! hyper's, whose timer would also run while a keep-alive connection waits for its next request
-//! and so cut idle connections at the shorter timeout.
+//! the connection's start), or the connection is cut. The scanner tells where heads begin, so this
+//! timer is ours rather than hyper's, whose timer would also run while a keep-alive connection
+//! waits for its next request and so cut idle connections at the shorter timeout.
 //!
 //! Shutdown: the loop stops accepting, every connection is told to finish gracefully (GOAWAY, or
 //! `Connection: close` after the current response), and the listener waits up to `drain_timeout` for

@@ -1,7 +1,7 @@
 //! Soak: the whole flow (CA, mesh, gateway, whoami as separate processes) under sustained load at
-//! 70 % of the peak throughput measured just before (the same 32 clients, each paced), with zero failed requests and a flat resident
-//! memory in the gateway and the mesh. The test runs 30 seconds; `bench/soak.sh` runs the same test
-//! for 10 minutes (`PHOENIX_SOAK_SECS=600`).
+//! 70 % of the peak throughput measured just before (the same 32 clients, each paced), with zero
+//! failed requests and a flat resident memory in the gateway and the mesh. The test runs 30
+//! seconds; `bench/soak.sh` runs the same test for 10 minutes (`PHOENIX_SOAK_SECS=600`).
 //!
 //! "Flat" is judged after a warm-up (the first third): the mean resident size of the last third
 //! may exceed that of the middle third by at most 10 % + 4 MiB. A leak of a few hundred bytes per
