@@ -14,6 +14,7 @@
 //! short `text/plain` bodies with the request id; upstream details go to the log, never to clients.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -356,7 +357,7 @@ impl Proxy {
                 target,
                 request: upstream_req,
                 request_id,
-                traced,
+                traced: traced.map(Box::new),
                 client_upgrade,
                 body_fault,
                 retry,
@@ -507,11 +508,15 @@ impl Proxy {
     /// Sends a request that is routed and rewritten to its service, and makes the response the
     /// client gets of what comes back, with the fields of a plain request's response that are not
     /// in its header map (see `plain`).
-    pub(crate) async fn exchange(
-        self: &Arc<Self>,
+    ///
+    /// The exchange is taken apart before the `async` block: an `async fn` would keep it twice in
+    /// its state (as its argument and as the locals it is taken apart into), and this state is
+    /// copied into the request's box (`h1_server::start`).
+    pub(crate) fn exchange<'a>(
+        self: &'a Arc<Self>,
         exchange: Exchange,
-        conn: &Arc<ConnInfo>,
-    ) -> (Response<UpstreamBody>, Option<WireFields>) {
+        conn: &'a Arc<ConnInfo>,
+    ) -> impl Future<Output = (Response<UpstreamBody>, Option<WireFields>)> + 'a {
         let Exchange {
             target,
             request: upstream_req,
@@ -527,109 +532,110 @@ impl Proxy {
             guard,
         } = exchange;
         let started = log.started;
-
-        let sent_at = traced.as_ref().map(|_| Instant::now());
-        // The retry loop is boxed: its state (the request's template, the back-off timer) is
-        // larger than the rest of this future, which hyper moves into its connection state for
-        // every request. A single attempt's state is small: `send_with` boxes the upstream
-        // exchange itself.
-        let result = match (retry, template) {
-            (Some(retry), Some(template)) => {
-                Box::pin(send_retrying(
-                    &target.service,
-                    upstream_req,
-                    retry,
-                    template,
-                ))
-                .await
-            }
-            _ => {
-                target
-                    .service
-                    .send_with(upstream_req, fields.as_ref())
+        async move {
+            let sent_at = traced.as_ref().map(|_| Instant::now());
+            // The retry loop is boxed: its state (the request's template, the back-off timer) is
+            // larger than the rest of this future, which hyper moves into its connection state for
+            // every request. A single attempt's state is small: `send_with` boxes the upstream
+            // exchange itself.
+            let result = match (retry, template) {
+                (Some(retry), Some(template)) => {
+                    Box::pin(send_retrying(
+                        &target.service,
+                        upstream_req,
+                        retry,
+                        template,
+                    ))
                     .await
-            }
-        };
-        let upstream_time = sent_at.map(|t| t.elapsed());
-        match result {
-            Ok(Upstreamed {
-                mut response,
-                server,
-            }) => {
-                log.upstream = Some(server);
-                let lines = response.body_mut().take_lines();
-                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                if switching {
-                    if let (Some(client), Some(upstream)) =
-                        (client_upgrade, response.body_mut().take_upgrade())
-                    {
-                        conn.spawn_tunnel(client, upstream);
-                    }
                 }
-                let (mut rparts, rbody) = response.into_parts();
-                forward::remove_hop_by_hop(&mut rparts.headers, switching);
-                target.chain.on_response(&mut rparts);
-                match traced {
-                    Some(traced) => {
-                        let used = rparts.extensions.get::<crate::trace::UpstreamConn>();
-                        let verified = used
-                            .filter(|u| u.tls.is_some())
-                            .map(|_| crate::trace::verification(target.service.config()));
+                _ => {
+                    target
+                        .service
+                        .send_with(upstream_req, fields.as_ref())
+                        .await
+                }
+            };
+            let upstream_time = sent_at.map(|t| t.elapsed());
+            match result {
+                Ok(Upstreamed {
+                    mut response,
+                    server,
+                }) => {
+                    log.upstream = Some(server);
+                    let lines = response.body_mut().take_lines();
+                    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    if switching {
+                        if let (Some(client), Some(upstream)) =
+                            (client_upgrade, response.body_mut().take_upgrade())
+                        {
+                            conn.spawn_tunnel(client, upstream);
+                        }
+                    }
+                    let (mut rparts, rbody) = response.into_parts();
+                    forward::remove_hop_by_hop(&mut rparts.headers, switching);
+                    target.chain.on_response(&mut rparts);
+                    match traced {
+                        Some(traced) => {
+                            let used = rparts.extensions.get::<crate::trace::UpstreamConn>();
+                            let verified = used
+                                .filter(|u| u.tls.is_some())
+                                .map(|_| crate::trace::verification(target.service.config()));
+                            crate::trace::finish(
+                                *traced,
+                                &mut rparts.headers,
+                                self.settings.role,
+                                used,
+                                verified,
+                                None,
+                                started.elapsed(),
+                                upstream_time,
+                            );
+                        }
+                        None => crate::trace::strip(&mut rparts.headers),
+                    }
+                    let mut lines = lines;
+                    crate::plain::set_request_id(&mut rparts.headers, lines.as_mut(), request_id);
+                    let resp = Response::from_parts(rparts, rbody);
+                    (self.finish(resp, log, guard), lines)
+                }
+                Err(error) => {
+                    let exceeded = body_fault.exceeded.load(Ordering::Relaxed);
+                    let malformed = body_fault.malformed.load(Ordering::Relaxed);
+                    let client_fault = exceeded || malformed;
+                    let (status, text) = if exceeded {
+                        (StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                    } else if malformed {
+                        // The client's body broke (bad chunk size, connection cut): the client's
+                        // fault, not the upstream's, and the rest of its byte stream is not trusted.
+                        (StatusCode::BAD_REQUEST, "malformed request body")
+                    } else if error.is_timeout() {
+                        (StatusCode::GATEWAY_TIMEOUT, "upstream timeout")
+                    } else {
+                        (StatusCode::BAD_GATEWAY, "upstream unreachable")
+                    };
+                    log.upstream = error.server().map(Arc::from);
+                    tracing::warn!(
+                        route = %target.name, service = %target.service_name, request_id = ?request_id,
+                        error = %error, "upstream request failed"
+                    );
+                    let mut resp = error_response(status, text, &request_id);
+                    if client_fault {
+                        close_after(&mut resp, version);
+                    }
+                    if let Some(traced) = traced {
                         crate::trace::finish(
-                            traced,
-                            &mut rparts.headers,
+                            *traced,
+                            resp.headers_mut(),
                             self.settings.role,
-                            used,
-                            verified,
                             None,
+                            None,
+                            Some(error.to_string()),
                             started.elapsed(),
                             upstream_time,
                         );
                     }
-                    None => crate::trace::strip(&mut rparts.headers),
+                    (self.finish(resp, log, guard), None)
                 }
-                let mut lines = lines;
-                crate::plain::set_request_id(&mut rparts.headers, lines.as_mut(), request_id);
-                let resp = Response::from_parts(rparts, rbody);
-                (self.finish(resp, log, guard), lines)
-            }
-            Err(error) => {
-                let exceeded = body_fault.exceeded.load(Ordering::Relaxed);
-                let malformed = body_fault.malformed.load(Ordering::Relaxed);
-                let client_fault = exceeded || malformed;
-                let (status, text) = if exceeded {
-                    (StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                } else if malformed {
-                    // The client's body broke (bad chunk size, connection cut): the client's
-                    // fault, not the upstream's, and the rest of its byte stream is not trusted.
-                    (StatusCode::BAD_REQUEST, "malformed request body")
-                } else if error.is_timeout() {
-                    (StatusCode::GATEWAY_TIMEOUT, "upstream timeout")
-                } else {
-                    (StatusCode::BAD_GATEWAY, "upstream unreachable")
-                };
-                log.upstream = error.server().map(Arc::from);
-                tracing::warn!(
-                    route = %target.name, service = %target.service_name, request_id = ?request_id,
-                    error = %error, "upstream request failed"
-                );
-                let mut resp = error_response(status, text, &request_id);
-                if client_fault {
-                    close_after(&mut resp, version);
-                }
-                if let Some(traced) = traced {
-                    crate::trace::finish(
-                        traced,
-                        resp.headers_mut(),
-                        self.settings.role,
-                        None,
-                        None,
-                        Some(error.to_string()),
-                        started.elapsed(),
-                        upstream_time,
-                    );
-                }
-                (self.finish(resp, log, guard), None)
             }
         }
     }
@@ -741,7 +747,8 @@ pub(crate) struct Exchange {
     target: Arc<RouteTarget>,
     request: Request<UpstreamBody>,
     request_id: HeaderValue,
-    traced: Option<crate::trace::Traced>,
+    /// Boxed: it is large, and only a traced request has one.
+    traced: Option<Box<crate::trace::Traced>>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     body_fault: Arc<BodyFault>,
     retry: Option<RetryConfig>,

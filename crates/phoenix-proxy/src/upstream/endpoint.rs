@@ -25,6 +25,7 @@
 //! established within the connect timeout (TCP and TLS together).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -198,104 +199,108 @@ impl Endpoint {
     /// Sends one request to this server. `h2_wanted`: the client spoke HTTP/2 (matters for
     /// `https://`). A dead pooled connection is replaced transparently: when the request comes back
     /// unsent, or when `replayable` (an idempotent request without a body) allows sending it again.
-    pub(crate) async fn send(
-        self: &Arc<Self>,
+    /// (An `async` block, not an `async fn`, for the reason given at `H1Conn::send`.)
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub(crate) fn send<'a>(
+        self: &'a Arc<Self>,
         mut req: Request<UpstreamBody>,
-        mut fields: Option<&WireFields>,
+        mut fields: Option<&'a WireFields>,
         h2_wanted: bool,
         upgrade: bool,
         replayable: bool,
-    ) -> Result<Response<ResponseBody>, AttemptError> {
-        let in_flight = InFlight::enter(self);
-        // A traced request goes over a fresh connection whose handshake is recorded (see `trace`).
-        let traced = req
-            .extensions()
-            .get::<crate::trace::TraceRequested>()
-            .is_some();
-        let mut used: Option<crate::trace::UpstreamConn> = None;
-        let mut stale = 0;
-        loop {
-            let use_h2 = match self.target.protocol {
-                Protocol::Http1 => false,
-                // An Upgrade cannot travel over HTTP/2; try HTTP/1.1, which most h2c servers also speak.
-                Protocol::H2c => !upgrade,
-                Protocol::Https => {
-                    h2_wanted && !upgrade && !self.h2_refused.load(Ordering::Relaxed)
-                }
-            };
-            let acquired = if traced {
-                self.connect_recorded(use_h2, &mut used)
-                    .await
-                    .map(|c| (c, false))
-            } else if use_h2 {
-                self.h2_conn().await
-            } else {
-                self.h1_conn(stale > 0).await
-            };
-            let (conn, reused) = match acquired {
-                Ok(c) => c,
-                Err(source) => return Err(AttemptError::Connect { req, source }),
-            };
-            let mut h2_generation = None;
-            // What failed; the request if it came back unsent, or if it may be sent again.
-            let (unsent, resend, source): (_, _, BoxError) = match conn {
-                Conn::H1(conn) => {
-                    prepare_h1(&mut req, fields.is_some(), &self.target);
-                    match conn.send(req, fields, upgrade).await {
-                        Ok((mut resp, lines)) => {
-                            if let Some(used) = used.take() {
-                                resp.extensions_mut().insert(used);
+    ) -> impl Future<Output = Result<Response<ResponseBody>, AttemptError>> + 'a {
+        async move {
+            let in_flight = InFlight::enter(self);
+            // A traced request goes over a fresh connection whose handshake is recorded (see `trace`).
+            let traced = req
+                .extensions()
+                .get::<crate::trace::TraceRequested>()
+                .is_some();
+            let mut used: Option<crate::trace::UpstreamConn> = None;
+            let mut stale = 0;
+            loop {
+                let use_h2 = match self.target.protocol {
+                    Protocol::Http1 => false,
+                    // An Upgrade cannot travel over HTTP/2; try HTTP/1.1, which most h2c servers also speak.
+                    Protocol::H2c => !upgrade,
+                    Protocol::Https => {
+                        h2_wanted && !upgrade && !self.h2_refused.load(Ordering::Relaxed)
+                    }
+                };
+                let acquired = if traced {
+                    self.connect_recorded(use_h2, &mut used)
+                        .await
+                        .map(|c| (c, false))
+                } else if use_h2 {
+                    self.h2_conn().await
+                } else {
+                    self.h1_conn(stale > 0).await
+                };
+                let (conn, reused) = match acquired {
+                    Ok(c) => c,
+                    Err(source) => return Err(AttemptError::Connect { req, source }),
+                };
+                let mut h2_generation = None;
+                // What failed; the request if it came back unsent, or if it may be sent again.
+                let (unsent, resend, source): (_, _, BoxError) = match conn {
+                    Conn::H1(conn) => {
+                        prepare_h1(&mut req, fields.is_some(), &self.target);
+                        match conn.send(req, fields, upgrade).await {
+                            Ok((mut resp, lines)) => {
+                                if let Some(used) = used.take() {
+                                    resp.extensions_mut().insert(used);
+                                }
+                                return Ok(resp.map(|b| ResponseBody::h1(b, lines, in_flight)));
                             }
-                            return Ok(resp.map(|b| ResponseBody::h1(b, lines, in_flight)));
-                        }
-                        Err(SendError::NotSent(req, e)) => (Some(*req), None, Box::new(e)),
-                        Err(SendError::Sent(e, head)) => {
-                            let resend = head
-                                .filter(|_| replayable)
-                                .map(|head| Request::from_parts(*head, crate::body::empty()));
-                            (None, resend, Box::new(e))
+                            Err(SendError::NotSent(req, e)) => (Some(*req), None, Box::new(e)),
+                            Err(SendError::Sent(e, head)) => {
+                                let resend = head
+                                    .filter(|_| replayable)
+                                    .map(|head| Request::from_parts(*head, crate::body::empty()));
+                                (None, resend, Box::new(e))
+                            }
                         }
                     }
-                }
-                Conn::H2(mut tx, generation) => {
-                    h2_generation = Some(generation);
-                    // `Service::send_with` gives h2c services a plain request's fields in its map;
-                    // should any still come, they go into the map once.
-                    if let Some(fields) = fields.take() {
-                        fields.append_to(req.headers_mut());
-                    }
-                    prepare_h2(&mut req, &self.target);
-                    let copy = replayable.then(|| Replay::of(&req));
-                    match tx.try_send_request(req).await {
-                        Ok(mut resp) => {
-                            if let Some(used) = used.take() {
-                                resp.extensions_mut().insert(used);
-                            }
-                            return Ok(resp.map(|b| ResponseBody::h2(b, in_flight)));
+                    Conn::H2(mut tx, generation) => {
+                        h2_generation = Some(generation);
+                        // `Service::send_with` gives h2c services a plain request's fields in its map;
+                        // should any still come, they go into the map once.
+                        if let Some(fields) = fields.take() {
+                            fields.append_to(req.headers_mut());
                         }
-                        Err(mut e) => {
-                            let unsent = e.take_message();
-                            if unsent.is_some() {
-                                // Unsent means the connection takes no more streams (GOAWAY, closed):
-                                // make the next request connect instead of finding it again.
-                                self.forget_h2(generation);
+                        prepare_h2(&mut req, &self.target);
+                        let copy = replayable.then(|| Replay::of(&req));
+                        match tx.try_send_request(req).await {
+                            Ok(mut resp) => {
+                                if let Some(used) = used.take() {
+                                    resp.extensions_mut().insert(used);
+                                }
+                                return Ok(resp.map(|b| ResponseBody::h2(b, in_flight)));
                             }
-                            (unsent, copy.map(Replay::build), Box::new(e.into_error()))
+                            Err(mut e) => {
+                                let unsent = e.take_message();
+                                if unsent.is_some() {
+                                    // Unsent means the connection takes no more streams (GOAWAY, closed):
+                                    // make the next request connect instead of finding it again.
+                                    self.forget_h2(generation);
+                                }
+                                (unsent, copy.map(Replay::build), Box::new(e.into_error()))
+                            }
                         }
                     }
+                };
+                let again = reused && stale < STALE_RETRIES;
+                match (unsent, resend) {
+                    (Some(back), _) | (None, Some(back)) if again => req = back,
+                    (Some(req), _) => return Err(AttemptError::NotSent { req, source }),
+                    (None, resend) => return Err(AttemptError::Sent { source, resend }),
                 }
-            };
-            let again = reused && stale < STALE_RETRIES;
-            match (unsent, resend) {
-                (Some(back), _) | (None, Some(back)) if again => req = back,
-                (Some(req), _) => return Err(AttemptError::NotSent { req, source }),
-                (None, resend) => return Err(AttemptError::Sent { source, resend }),
+                tracing::debug!(server = %self.url, error = %source, "pooled connection was dead, trying a fresh one");
+                if let Some(generation) = h2_generation {
+                    self.forget_h2(generation);
+                }
+                stale += 1;
             }
-            tracing::debug!(server = %self.url, error = %source, "pooled connection was dead, trying a fresh one");
-            if let Some(generation) = h2_generation {
-                self.forget_h2(generation);
-            }
-            stale += 1;
         }
     }
 

@@ -29,7 +29,7 @@
 //! tunnel ([`H1Body::into_upgraded`]).
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -155,64 +155,71 @@ impl H1Conn {
     /// response head. `fields`: a plain request's fields, written after those of its map (see
     /// `plain`); its response then keeps its ordinary fields as lines, given beside it.
     /// `upgrade`: the request asks to switch protocols, and a 101 is expected.
-    pub(crate) async fn send(
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` keeps its arguments twice in its
+    /// state (as arguments and as locals), and this state is copied into every request's boxed
+    /// future (`Service::send_with`).
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub(crate) fn send(
         mut self,
         req: Request<UpstreamBody>,
         fields: Option<&WireFields>,
         upgrade: bool,
-    ) -> Result<Answer, SendError> {
-        // An idle connection the server closed (or wrote to, which it must not) is not used.
-        if let Some(error) = self.ended_while_idle() {
-            return Err(SendError::NotSent(Box::new(req), error));
-        }
-        let encoder = match encode_head(&req, fields, &mut self.write) {
-            Ok(encoder) => encoder,
-            Err(error) => return Err(SendError::NotSent(Box::new(req), error)),
-        };
-        // Until the first byte is out, the request can still go elsewhere.
-        if let Err(error) = poll_fn(|cx| self.poll_write_some(cx)).await {
-            return Err(SendError::NotSent(Box::new(req), error));
-        }
-        let (parts, body) = req.into_parts();
-        match encoder {
-            Some(encoder) => self.sending = Some(Sending { body, encoder }),
-            None => drop(body),
-        }
-        let head_request = parts.method == Method::HEAD;
-        let plain = fields.is_some();
-        let mut write_error = None;
-        let mut interim = 0;
-        let head = poll_fn(|cx| {
-            if write_error.is_none() {
-                match self.poll_send(cx) {
-                    // The request cannot be completed: the exchange is over.
-                    Poll::Ready(Err(e @ (H1Error::Body(_) | H1Error::RequestBody(_)))) => {
-                        return Poll::Ready(Err(e));
+    ) -> impl Future<Output = Result<Answer, SendError>> + '_ {
+        async move {
+            // An idle connection the server closed (or wrote to, which it must not) is not used.
+            if let Some(error) = self.ended_while_idle() {
+                return Err(SendError::NotSent(Box::new(req), error));
+            }
+            let encoder = match encode_head(&req, fields, &mut self.write) {
+                Ok(encoder) => encoder,
+                Err(error) => return Err(SendError::NotSent(Box::new(req), error)),
+            };
+            // Until the first byte is out, the request can still go elsewhere.
+            if let Err(error) = poll_fn(|cx| self.poll_write_some(cx)).await {
+                return Err(SendError::NotSent(Box::new(req), error));
+            }
+            let (parts, body) = req.into_parts();
+            match encoder {
+                Some(encoder) => self.sending = Some(Sending { body, encoder }),
+                None => drop(body),
+            }
+            let head_request = parts.method == Method::HEAD;
+            let plain = fields.is_some();
+            let mut write_error = None;
+            let mut interim = 0;
+            let head = poll_fn(|cx| {
+                if write_error.is_none() {
+                    match self.poll_send(cx) {
+                        // The request cannot be completed: the exchange is over.
+                        Poll::Ready(Err(e @ (H1Error::Body(_) | H1Error::RequestBody(_)))) => {
+                            return Poll::Ready(Err(e));
+                        }
+                        // The server may have answered and closed before it read everything (an early
+                        // response); the answer is read below, the error is kept for when none comes.
+                        Poll::Ready(Err(e)) => write_error = Some(e),
+                        _ => {}
                     }
-                    // The server may have answered and closed before it read everything (an early
-                    // response); the answer is read below, the error is kept for when none comes.
-                    Poll::Ready(Err(e)) => write_error = Some(e),
-                    _ => {}
                 }
-            }
-            self.poll_head(cx, head_request, upgrade, plain, &mut interim)
-        })
-        .await;
-        let error = match head {
-            Ok((head, decoder, lines)) => {
-                let response = head.map(|()| H1Body {
-                    conn: self,
-                    decoder,
-                });
-                return Ok((response, lines));
-            }
-            Err(H1Error::Closed(_)) if write_error.is_some() => write_error.expect("checked"),
-            Err(error) => error,
-        };
-        Err(SendError::Sent(
-            error,
-            encoder.is_none().then(|| Box::new(parts)),
-        ))
+                self.poll_head(cx, head_request, upgrade, plain, &mut interim)
+            })
+            .await;
+            let error = match head {
+                Ok((head, decoder, lines)) => {
+                    let response = head.map(|()| H1Body {
+                        conn: self,
+                        decoder,
+                    });
+                    return Ok((response, lines));
+                }
+                Err(H1Error::Closed(_)) if write_error.is_some() => write_error.expect("checked"),
+                Err(error) => error,
+            };
+            Err(SendError::Sent(
+                error,
+                encoder.is_none().then(|| Box::new(parts)),
+            ))
+        }
     }
 
     /// Why an idle connection cannot take a request: the server closed it, or sent bytes

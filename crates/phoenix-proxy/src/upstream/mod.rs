@@ -33,6 +33,7 @@ mod response;
 mod target;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -351,33 +352,39 @@ impl Service {
     }
 
     /// `send`, for a plain request whose `fields` are not in its header map (see `plain`).
-    pub(crate) async fn send_with(
-        &self,
+    ///
+    /// (`async` blocks, not `async fn`s, here and in `send_with_retries`, for the reason given at
+    /// `H1Conn::send`.)
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub(crate) fn send_with<'a>(
+        &'a self,
         mut req: Request<UpstreamBody>,
-        fields: Option<&WireFields>,
-    ) -> Result<Upstreamed, UpstreamError> {
-        // HTTP/1.1 servers get the fields as they are; an h2c server needs them in the map.
-        let fields = match fields {
-            Some(fields) if self.h2c => {
-                fields.append_to(req.headers_mut());
-                None
+        fields: Option<&'a WireFields>,
+    ) -> impl Future<Output = Result<Upstreamed, UpstreamError>> + 'a {
+        async move {
+            // HTTP/1.1 servers get the fields as they are; an h2c server needs them in the map.
+            let fields = match fields {
+                Some(fields) if self.h2c => {
+                    fields.append_to(req.headers_mut());
+                    None
+                }
+                fields => fields,
+            };
+            if !self.reaper_started.load(Ordering::Relaxed) {
+                self.start_reaper();
             }
-            fields => fields,
-        };
-        if !self.reaper_started.load(Ordering::Relaxed) {
-            self.start_reaper();
-        }
-        let mut last = None;
-        // Boxed so that wrapping it in the timeout moves a pointer, not the attempt's state machine.
-        let attempts = Box::pin(self.send_with_retries(req, fields, &mut last));
-        match crate::timers::timeout(self.timeout, attempts).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout {
-                server: last.map_or_else(
-                    || Arc::from(self.config.name.as_str()),
-                    |i| self.endpoints[i].url.clone(),
-                ),
-            }),
+            let mut last = None;
+            // Boxed so that wrapping it in the timeout moves a pointer, not the attempt's state machine.
+            let attempts = Box::pin(self.send_with_retries(req, fields, &mut last));
+            match crate::timers::timeout(self.timeout, attempts).await {
+                Ok(result) => result,
+                Err(_) => Err(UpstreamError::Timeout {
+                    server: last.map_or_else(
+                        || Arc::from(self.config.name.as_str()),
+                        |i| self.endpoints[i].url.clone(),
+                    ),
+                }),
+            }
         }
     }
 
@@ -406,73 +413,76 @@ impl Service {
         });
     }
 
-    async fn send_with_retries(
-        &self,
-        req: Request<UpstreamBody>,
-        fields: Option<&WireFields>,
-        last: &mut Option<usize>,
-    ) -> Result<Upstreamed, UpstreamError> {
-        let upgrade = req.headers().contains_key(header::UPGRADE);
-        let h2_wanted = req.version() == Version::HTTP_2;
-        // May be sent again after it was written: idempotent, no body. Even with `retries = 0`: a
-        // dead keep-alive connection is not a server failure (see the module doc).
-        let replayable =
-            !upgrade && is_idempotent(req.method()) && http_body::Body::is_end_stream(req.body());
-        let mut retries_left = self.config.retries;
-        let mut tried: Vec<usize> = Vec::new();
-        let mut req = req;
-        loop {
-            let i = self.pick(&tried).ok_or(UpstreamError::NoHealthyServer)?;
-            *last = Some(i);
-            let ep = &self.endpoints[i];
-            let error = match ep.send(req, fields, h2_wanted, upgrade, replayable).await {
-                Ok(response) => {
-                    if ep.health.request_succeeded() == Transition::Up {
-                        tracing::info!(service = %ep.service, server = %ep.url, "upstream server answers again and is back in rotation");
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    fn send_with_retries<'a>(
+        &'a self,
+        mut req: Request<UpstreamBody>,
+        fields: Option<&'a WireFields>,
+        last: &'a mut Option<usize>,
+    ) -> impl Future<Output = Result<Upstreamed, UpstreamError>> + 'a {
+        async move {
+            let upgrade = req.headers().contains_key(header::UPGRADE);
+            let h2_wanted = req.version() == Version::HTTP_2;
+            // May be sent again after it was written: idempotent, no body. Even with `retries = 0`: a
+            // dead keep-alive connection is not a server failure (see the module doc).
+            let replayable = !upgrade
+                && is_idempotent(req.method())
+                && http_body::Body::is_end_stream(req.body());
+            let mut retries_left = self.config.retries;
+            let mut tried: Vec<usize> = Vec::new();
+            loop {
+                let i = self.pick(&tried).ok_or(UpstreamError::NoHealthyServer)?;
+                *last = Some(i);
+                let ep = &self.endpoints[i];
+                let error = match ep.send(req, fields, h2_wanted, upgrade, replayable).await {
+                    Ok(response) => {
+                        if ep.health.request_succeeded() == Transition::Up {
+                            tracing::info!(service = %ep.service, server = %ep.url, "upstream server answers again and is back in rotation");
+                        }
+                        return Ok(Upstreamed {
+                            response,
+                            server: ep.url.clone(),
+                        });
                     }
-                    return Ok(Upstreamed {
-                        response,
-                        server: ep.url.clone(),
-                    });
-                }
-                Err(e) => e,
-            };
-            tracing::debug!(service = %ep.service, server = %ep.url, error = %error, "upstream attempt failed");
-            let (again, error) = match error {
-                AttemptError::Connect { req, source } => {
-                    if ep.health.connect_failed() == Transition::Down {
-                        tracing::info!(service = %ep.service, server = %ep.url, error = %source, "upstream server refused a connection and leaves rotation");
+                    Err(e) => e,
+                };
+                tracing::debug!(service = %ep.service, server = %ep.url, error = %error, "upstream attempt failed");
+                let (again, error) = match error {
+                    AttemptError::Connect { req, source } => {
+                        if ep.health.connect_failed() == Transition::Down {
+                            tracing::info!(service = %ep.service, server = %ep.url, error = %source, "upstream server refused a connection and leaves rotation");
+                        }
+                        (
+                            Some(req),
+                            UpstreamError::Connect {
+                                server: ep.url.clone(),
+                                source,
+                            },
+                        )
                     }
-                    (
+                    AttemptError::NotSent { req, source } => (
                         Some(req),
-                        UpstreamError::Connect {
+                        UpstreamError::Protocol {
                             server: ep.url.clone(),
                             source,
                         },
-                    )
+                    ),
+                    AttemptError::Sent { source, resend } => (
+                        resend,
+                        UpstreamError::Protocol {
+                            server: ep.url.clone(),
+                            source,
+                        },
+                    ),
+                };
+                match again {
+                    Some(r) if retries_left > 0 => {
+                        retries_left -= 1;
+                        tried.push(i);
+                        req = r;
+                    }
+                    _ => return Err(error),
                 }
-                AttemptError::NotSent { req, source } => (
-                    Some(req),
-                    UpstreamError::Protocol {
-                        server: ep.url.clone(),
-                        source,
-                    },
-                ),
-                AttemptError::Sent { source, resend } => (
-                    resend,
-                    UpstreamError::Protocol {
-                        server: ep.url.clone(),
-                        source,
-                    },
-                ),
-            };
-            match again {
-                Some(r) if retries_left > 0 => {
-                    retries_left -= 1;
-                    tried.push(i);
-                    req = r;
-                }
-                _ => return Err(error),
             }
         }
     }
