@@ -795,27 +795,37 @@ async fn send_retrying(
 
 /// `host[:port]` -> lowercase host; IPv6 literals keep their brackets.
 fn host_without_port(authority: &str) -> Cow<'_, str> {
-    // Byte searches: every delimiter is ASCII, and this runs twice per request.
+    // One pass over the bytes (this runs for every request): every delimiter is ASCII. A `@`
+    // starts the host over (userinfo before it is dropped).
     let bytes = authority.as_bytes();
-    let start = bytes
-        .iter()
-        .rposition(|&b| b == b'@')
-        .map_or(0, |at| at + 1);
-    let authority = &authority[start..];
-    let bytes = authority.as_bytes();
-    let host = if bytes.first() == Some(&b'[') {
-        match bytes.iter().position(|&b| b == b']') {
-            Some(end) => &authority[..=end],
-            None => authority,
+    let (mut start, mut colon, mut upper) = (0, None, false);
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'@' => (start, colon, upper) = (i + 1, None, false),
+            b':' => colon = Some(i),
+            b'A'..=b'Z' => upper = true,
+            _ => {}
         }
+    }
+    let host = if bytes.get(start) == Some(&b'[') {
+        let literal = &authority[start..];
+        let host = match literal.find(']') {
+            Some(end) => &literal[..=end],
+            None => literal,
+        };
+        upper = host.bytes().any(|b| b.is_ascii_uppercase());
+        host
     } else {
-        match bytes.iter().rposition(|&b| b == b':') {
-            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &authority[..colon],
-            _ => authority,
+        match colon {
+            // Digits after the colon are a port; they hold no uppercase letter that `upper` counted.
+            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => {
+                &authority[start..colon]
+            }
+            _ => &authority[start..],
         }
     };
     let host = host.trim_end_matches('.');
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    if upper {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
         Cow::Borrowed(host)
@@ -1165,6 +1175,15 @@ mod tests {
         assert_eq!(host_without_port("app.test:"), "app.test");
         assert_eq!(host_without_port("app.test:8x"), "app.test:8x");
         assert_eq!(host_without_port("[::1"), "[::1");
+        // Only what follows the last `@` counts: its colons, its letters.
+        assert_eq!(host_without_port("A:B@c.Test"), "c.test");
+        assert_eq!(host_without_port("a:1@B:2@Host.Test.:8"), "host.test");
+        assert!(matches!(
+            host_without_port("USER:PW@lower.test"),
+            Cow::Borrowed("lower.test")
+        ));
+        assert_eq!(host_without_port("[FE80::1]:80"), "[fe80::1]");
+        assert_eq!(host_without_port("x@[::1]:443"), "[::1]");
         assert!(matches!(
             host_without_port("lower.test:1"),
             Cow::Borrowed(_)

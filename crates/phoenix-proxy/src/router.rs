@@ -11,6 +11,7 @@
 //! result is the same as a linear scan. Nothing is allocated per request.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::rule::{default_priority, RequestView, Rule, RuleError};
 
@@ -37,7 +38,7 @@ pub struct Router<T> {
     /// In match order: priority descending, then definition order.
     routes: Vec<CompiledRoute<T>>,
     /// Exact host -> positions in `routes` (ascending) of routes that can only match that host.
-    by_host: HashMap<Box<str>, Box<[u32]>>,
+    by_host: HashMap<Box<str>, Box<[u32]>, BuildHasherDefault<HostHasher>>,
     /// Positions in `routes` (ascending) of routes that may match any host.
     any_host: Box<[u32]>,
     /// Some rule looks at header fields.
@@ -70,7 +71,8 @@ impl<T> Router<T> {
         // A stable sort keeps definition order among equal priorities.
         compiled.sort_by_key(|r| std::cmp::Reverse(r.priority));
 
-        let mut by_host: HashMap<Box<str>, Vec<u32>> = HashMap::new();
+        let mut by_host: HashMap<Box<str>, Vec<u32>, BuildHasherDefault<HostHasher>> =
+            HashMap::default();
         let mut any_host = Vec::new();
         for (position, route) in compiled.iter().enumerate() {
             let position = u32::try_from(position).expect("fewer than 2^32 routes");
@@ -153,6 +155,40 @@ impl<T> Router<T> {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+}
+
+/// The host index's hash: a word at a time, multiply and rotate (as rustc's `FxHasher`). The keys
+/// come from the configuration and a request only looks up, so no request can lengthen a probe
+/// sequence: the keyed hash the standard map defaults to (against flooding by inserted keys) would
+/// cost several times as much per lookup and protect nothing here.
+#[derive(Default)]
+struct HostHasher(u64);
+
+impl HostHasher {
+    const K: u64 = 0xf135_7aea_2e62_a9c5;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(Self::K);
+    }
+}
+
+impl Hasher for HostHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            self.add(u64::from_le_bytes(word.try_into().expect("8 bytes")));
+        }
+        let mut last = [0u8; 8];
+        let rest = words.remainder();
+        last[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(last) ^ ((rest.len() as u64) << 56));
+    }
+
+    /// The map takes a bucket from the low bits, which a product mixes least: rotate the well
+    /// mixed high bits there.
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
     }
 }
 
@@ -304,6 +340,31 @@ mod tests {
             errors[0].1
         );
         assert_eq!(errors[1].1.column, 10);
+    }
+
+    #[test]
+    fn many_hosts_each_find_their_own_routes() {
+        // Hosts that differ in one byte, in the last partial word, or only in length: the host
+        // index must keep every one apart, and find none that was not configured.
+        let hosts: Vec<String> = (0..300)
+            .map(|i| format!("svc-{i}.internal.example"))
+            .chain((1..=17).map(|n| "a".repeat(n)))
+            .collect();
+        let targets: Vec<&'static str> = hosts
+            .iter()
+            .map(|h| &*Box::leak(h.clone().into_boxed_str()))
+            .collect();
+        let entries = targets
+            .iter()
+            .map(|h| entry(&format!("Host(`{h}`)"), None, h))
+            .collect();
+        let router = Router::new(entries).unwrap();
+        for host in &targets {
+            assert_eq!(route(&router, host, "/"), Some(*host));
+        }
+        assert_eq!(route(&router, "svc-300.internal.example", "/"), None);
+        assert_eq!(route(&router, &"a".repeat(18), "/"), None);
+        assert_eq!(route(&router, "", "/"), None);
     }
 
     #[test]

@@ -202,7 +202,9 @@ impl HostPattern {
     fn matches(&self, host: &str) -> bool {
         let host = host.strip_suffix('.').unwrap_or(host);
         match self {
-            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h),
+            // The view's host is lowercase by contract (see `RequestView::host`), so the bytes
+            // compare first; the case-blind comparison is for a caller that breaks it.
+            HostPattern::Exact(h) => host == h || host.eq_ignore_ascii_case(h),
             HostPattern::OneLabel(suffix) => strip_suffix_ignore_case(host, suffix)
                 .is_some_and(|label| !label.is_empty() && !label.contains('.')),
             HostPattern::AnyLabels(suffix) => {
