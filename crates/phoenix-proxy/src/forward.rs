@@ -413,13 +413,13 @@ struct ForwardedValue<'a> {
 
 impl<'a> ForwardedValue<'a> {
     fn new(text: &'a str) -> Self {
-        let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        let quoted = text.is_empty() || !text.bytes().all(is_tchar);
-        let escapes = if quoted {
-            text.bytes().filter(|&b| needs_escape(b)).count()
-        } else {
-            0
-        };
+        // One pass, each byte looked up (this runs for every request's host).
+        let (mut quoted, mut escapes) = (text.is_empty(), 0);
+        for b in text.bytes() {
+            quoted |= !is_tchar(b);
+            escapes += usize::from(needs_escape(b));
+        }
+        let escapes = if quoted { escapes } else { 0 };
         ForwardedValue {
             text,
             quoted,
@@ -454,6 +454,26 @@ impl<'a> ForwardedValue<'a> {
         }
         out.push(b'"');
     }
+}
+
+/// A `tchar` of RFC 9110 section 5.6.2: what a token (an unquoted `Forwarded` value) is made of.
+fn is_tchar(b: u8) -> bool {
+    const TCHAR: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            table[b] = (b as u8).is_ascii_alphanumeric();
+            b += 1;
+        }
+        let extra = b"!#$%&'*+-.^_`|~";
+        let mut i = 0;
+        while i < extra.len() {
+            table[extra[i] as usize] = true;
+            i += 1;
+        }
+        table
+    };
+    TCHAR[usize::from(b)]
 }
 
 fn needs_escape(b: u8) -> bool {
@@ -811,6 +831,17 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", ""), ("x-forwarded-for", "")]);
         set_forwarded(&mut h, &info);
         assert_eq!(h["x-forwarded-for"], ", , 10.1.2.3");
+    }
+
+    #[test]
+    fn tchar_table_is_rfc_9110s() {
+        let rfc = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        for b in 0..=u8::MAX {
+            assert_eq!(is_tchar(b), rfc(b), "byte {b:#04x}");
+        }
+        assert_eq!(ForwardedValue::new("app.test").len(), 8);
+        assert_eq!(ForwardedValue::new("app.test:8443").len(), 15);
+        assert_eq!(ForwardedValue::new("").len(), 2);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::forward::{names, ForwardInfo, ForwardedLists, Lines, HOP_BY_HOP_NAMES};
-use crate::wire::push_field;
+use crate::wire::{push_field, FieldCopier};
 
 /// The fields rewritten by this hop, by the names `forward` writes.
 const X_FORWARDED_FOR: &[u8] = names::X_FORWARDED_FOR.as_bytes();
@@ -160,15 +160,13 @@ impl Scan<'_> {
         if let (Some((i, _)), Some(_)) = (self.request_id, new_request_id) {
             skip |= 1 << i;
         }
-        for (i, &[name_start, name_end, value_start, value_end]) in spans.iter().enumerate() {
+        let mut copier = FieldCopier::new(head);
+        for (i, &span) in spans.iter().enumerate() {
             if skip & (1 << i) == 0 {
-                push_field(
-                    out,
-                    &head[name_start..name_end],
-                    &head[value_start..value_end],
-                );
+                copier.push(out, span);
             }
         }
+        copier.finish(out);
         // The list values are written in place, with no buffer of their own.
         out.extend_from_slice(X_FORWARDED_FOR);
         out.extend_from_slice(b": ");
@@ -313,12 +311,13 @@ pub(crate) fn split_response(
     let mut framing = Some(LineFraming::default());
     let mut lines = Vec::with_capacity(head.len());
     let mut date = false;
-    for &[name_start, name_end, value_start, value_end] in spans {
+    let mut copier = FieldCopier::new(head);
+    for &span @ [name_start, name_end, value_start, value_end] in spans {
         let name = &head[name_start..name_end];
         let value = &head[value_start..value_end];
         if !read_by_name(name) {
             date |= name.eq_ignore_ascii_case(b"date");
-            push_field(&mut lines, name, value);
+            copier.push(&mut lines, span);
             continue;
         }
         let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
@@ -346,6 +345,7 @@ pub(crate) fn split_response(
             framing = None;
         }
     }
+    copier.finish(&mut lines);
     let mut headers = HeaderMap::new();
     if framing.is_none() {
         for &[name_start, name_end, value_start, value_end] in spans {
@@ -427,6 +427,35 @@ mod tests {
         assert!(status.is_complete());
         let spans = req.headers.iter().map(|f| span(&bytes, f)).collect();
         (bytes, spans)
+    }
+
+    #[test]
+    fn copied_fields_are_the_bytes_push_field_writes() {
+        // Lines as written (`name: value\r\n`) and others: no space, more spaces, a bare LF, an
+        // empty value. Every subset of them, so runs start, end and break everywhere.
+        let (head, spans) = parse(
+            "GET / HTTP/1.1\r\nHost: a.test\r\nX-One: 1\r\nx-two:2\r\nX-Three:   3  \r\n\
+             X-Four: 4\nX-Five: 5\r\nX-Empty: \r\nX-Six: 6\r\n\r\n",
+        );
+        assert_eq!(spans.len(), 8);
+        for mask in 0u32..1 << spans.len() {
+            let kept = spans
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0);
+            let (mut copied, mut pushed) = (b"start\r\n".to_vec(), b"start\r\n".to_vec());
+            let mut copier = FieldCopier::new(&head);
+            for (_, &span @ [ns, ne, vs, ve]) in kept {
+                copier.push(&mut copied, span);
+                push_field(&mut pushed, &head[ns..ne], &head[vs..ve]);
+            }
+            copier.finish(&mut copied);
+            assert_eq!(
+                String::from_utf8_lossy(&copied),
+                String::from_utf8_lossy(&pushed),
+                "fields {mask:#b}"
+            );
+        }
     }
 
     /// Fields as sorted `(lowercase name, value)` pairs.

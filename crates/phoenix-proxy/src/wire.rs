@@ -11,6 +11,57 @@ pub(crate) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Writes fields parsed out of `head` into another head, as [`push_field`] does. A run of fields
+/// laid out in `head` exactly as `push_field` writes them (`name: value\r\n`, one after the other)
+/// is copied in one piece: the same bytes, in one copy rather than four per field. Call `finish`
+/// before writing anything else into `out`.
+pub(crate) struct FieldCopier<'h> {
+    head: &'h [u8],
+    /// The run of `head` not copied yet.
+    run: Option<(usize, usize)>,
+}
+
+impl<'h> FieldCopier<'h> {
+    pub(crate) fn new(head: &'h [u8]) -> FieldCopier<'h> {
+        FieldCopier { head, run: None }
+    }
+
+    /// Writes the field at `span` (see [`span`]).
+    pub(crate) fn push(
+        &mut self,
+        out: &mut Vec<u8>,
+        [name_start, name_end, value_start, value_end]: [usize; 4],
+    ) {
+        let head = self.head;
+        let as_written = value_start == name_end + 2
+            && head[name_end..value_start] == *b": "
+            && head.get(value_end..value_end + 2) == Some(b"\r\n");
+        if !as_written {
+            self.finish(out);
+            push_field(
+                out,
+                &head[name_start..name_end],
+                &head[value_start..value_end],
+            );
+            return;
+        }
+        match &mut self.run {
+            Some((_, end)) if *end == name_start => *end = value_end + 2,
+            _ => {
+                self.finish(out);
+                self.run = Some((name_start, value_end + 2));
+            }
+        }
+    }
+
+    /// Writes what is left of the run.
+    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
+        if let Some((start, end)) = self.run.take() {
+            out.extend_from_slice(&self.head[start..end]);
+        }
+    }
+}
+
 pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
