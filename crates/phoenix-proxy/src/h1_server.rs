@@ -187,7 +187,12 @@ where
         let head_request = head.method == Method::HEAD;
         let mut handling = {
             let bytes = conn.read.split_to(head.len).freeze();
-            let body = conn.read.split_to(head.body).freeze();
+            // A request without a body (most) takes no share of the buffer: each share costs
+            // an atomic count when it is cloned and dropped.
+            let body = match head.body {
+                0 => Bytes::new(),
+                length => conn.read.split_to(length).freeze(),
+            };
             match start(proxy, info, verdicts, &bytes, &body, &head, &spans) {
                 Some(handling) => handling,
                 None => {
