@@ -57,6 +57,12 @@ pub(crate) trait ReadReadiness {
     fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()>;
 }
 
+impl<T: ReadReadiness + ?Sized> ReadReadiness for Box<T> {
+    fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
+        (**self).poll_read_hint(cx)
+    }
+}
+
 impl ReadReadiness for TcpStream {
     fn poll_read_hint(&self, cx: &mut Context<'_>) -> Poll<()> {
         // An error is a kind of readiness: the read reports it.

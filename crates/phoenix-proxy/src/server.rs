@@ -43,6 +43,7 @@ use rustls::ProtocolVersion;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -381,7 +382,6 @@ async fn connection(
     tracker: TaskTracker,
     local: SocketAddr,
 ) {
-    let limits = &proxy.settings.limits;
     let Some(acceptor) = tls else {
         let info = conn_info(
             &proxy,
@@ -399,19 +399,49 @@ async fn connection(
         serve_http(proxy, builder, stream, info, shutdown, force, false).await;
         return;
     };
+    // The handshake's state (several KB) is an allocation of its own, freed when it ends, and
+    // the stream it gives is boxed: a task's future is as large as its largest state for as long
+    // as the connection lasts, and an idle TLS connection should hold only what waiting for a
+    // request needs. (A boxed stream also moves as a pointer, not as 1.2 KB.)
+    let handshake = tls_handshake(
+        &proxy, acceptor, stream, peer, local, admission, &shutdown, &force, tracker,
+    );
+    let Some((stream, info, h1)) = Box::pin(handshake).await else {
+        return;
+    };
+    serve_http(proxy, builder, stream, info, shutdown, force, h1).await;
+}
+
+/// The TLS handshake of a connection, within the header-read timeout, and what it tells about
+/// the connection: its stream (boxed), its information, and whether it speaks HTTP/1.1. `None`
+/// when there is nothing to serve: the handshake failed or timed out, a shutdown came first, or
+/// it was an `acme-tls/1` validation.
+#[allow(clippy::too_many_arguments)] // one call site, the connection's parts
+async fn tls_handshake(
+    proxy: &Arc<Proxy>,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    admission: Admission,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+    tracker: TaskTracker,
+) -> Option<(Box<TlsStream<TcpStream>>, Arc<ConnInfo>, bool)> {
+    let limits = &proxy.settings.limits;
     let handshake = tokio::select! {
         result = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)) => result,
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
     };
     let mut stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!("TLS handshake timed out");
-            return;
+            return None;
         }
     };
     let session = stream.get_ref().1;
@@ -422,7 +452,7 @@ async fn connection(
             "acme-tls/1 validation handshake done"
         );
         let _ = stream.shutdown().await;
-        return;
+        return None;
     }
     let h1 = session.alpn_protocol() != Some(b"h2");
     let tls_version = session.protocol_version().map(version_name);
@@ -434,7 +464,7 @@ async fn connection(
         tracing::warn!(%peer, reason = %reason, "client certificate refused; requests get 403");
     }
     let info = conn_info(
-        &proxy,
+        proxy,
         peer,
         "https",
         tls_version,
@@ -448,7 +478,7 @@ async fn connection(
         force.clone(),
         tracker,
     );
-    serve_http(proxy, builder, stream, info, shutdown, force, h1).await;
+    Some((Box::new(stream), info, h1))
 }
 
 #[allow(clippy::too_many_arguments)] // plain data for one struct literal
