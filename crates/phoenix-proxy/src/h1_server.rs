@@ -276,8 +276,8 @@ type Answer = (Response<UpstreamBody>, Option<WireFields>);
 /// target, for hyper to answer. The future is boxed, as hyper boxes it: inline, it (several KB)
 /// would be part of every connection, the idle ones included; and this is a function of its own
 /// so that what it builds is not part of `serve`'s state either. Each path has a box of its own
-/// size: boxing copies the whole future, and the header-map path's is half as large again as the
-/// plain path's.
+/// size: boxing copies the whole future, and the header-map path's is about twice the plain
+/// path's.
 fn start<'a>(
     proxy: &'a Arc<Proxy>,
     info: &'a Arc<ConnInfo>,
