@@ -413,13 +413,13 @@ struct ForwardedValue<'a> {
 
 impl<'a> ForwardedValue<'a> {
     fn new(text: &'a str) -> Self {
-        // One pass, each byte looked up (this runs for every request's host).
+        // One pass, each byte looked up (this runs for every request's host). A byte that needs
+        // escaping is no `tchar`, so a value with escapes is always quoted.
         let (mut quoted, mut escapes) = (text.is_empty(), 0);
         for b in text.bytes() {
             quoted |= !is_tchar(b);
             escapes += usize::from(needs_escape(b));
         }
-        let escapes = if quoted { escapes } else { 0 };
         ForwardedValue {
             text,
             quoted,

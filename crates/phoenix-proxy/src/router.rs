@@ -346,13 +346,10 @@ mod tests {
     fn many_hosts_each_find_their_own_routes() {
         // Hosts that differ in one byte, in the last partial word, or only in length: the host
         // index must keep every one apart, and find none that was not configured.
-        let hosts: Vec<String> = (0..300)
+        let targets: Vec<&'static str> = (0..300)
             .map(|i| format!("svc-{i}.internal.example"))
             .chain((1..=17).map(|n| "a".repeat(n)))
-            .collect();
-        let targets: Vec<&'static str> = hosts
-            .iter()
-            .map(|h| &*Box::leak(h.clone().into_boxed_str()))
+            .map(|host| &*Box::leak(host.into_boxed_str()))
             .collect();
         let entries = targets
             .iter()
