@@ -24,9 +24,10 @@
 # listener offers TLS 1.2 and 1.3, so every chain negotiates TLS 1.3 with the clients (nginx 1.22
 # enables only up to TLS 1.2 unless told; `ssl_protocols` says so, as nginx >= 1.23.4 does by default).
 #
-# Figures (each the median over rounds; chains run one after the other within a round; the report
-# gives each chain's ratio to nginx both as the ratio of the medians and, for the rates, paired: the
-# median over rounds of the ratio within each round):
+# Figures (each the median over rounds; within a round every chain runs once for the keep-alive
+# figures, then once more for the others, in a shuffled order; the report gives each chain's ratio to
+# nginx both as the ratio of the medians and, for the rates, paired: the median over rounds of the
+# ratio within each round):
 #   ka        wrk -t1 -c$CONNS keep-alive: req/s, p50 and p99 latency
 #   close     wrk with `Connection: close`: one full TLS handshake per request, req/s
 #   h2        h2load -c$CONNS -m10 over HTTP/2 (ALPN h2), req/s
@@ -321,7 +322,8 @@ to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else i
 declare -A R   # R[chain.metric] = "v1 v2 ..." one value per round
 add() { R[$1.$2]+="$3 "; }
 
-measure() { # chain
+declare -A PEAK   # PEAK[chain] = the peak RSS of this round's keep-alive phase, in MB
+measure_ka() { # chain: the keep-alive figures, CPU per request and peak RSS
   local c=$1 out reqs u0 s0 b0 u1 s1 b1
   wrk -t1 -c"$CONNS" -d1s "$(url "$c")" >/dev/null 2>&1 || true   # warm-up: pools, caches
   read -r u0 s0 < <(cpu_ticks "$CHAIN_PIDS"); b0=$(busy_ticks)
@@ -338,7 +340,13 @@ measure() { # chain
   # Everything else the machine ran meanwhile (/proc/stat counts this VM only): the client and the backend.
   add "$c" cpu_rest "$(per10k $((b1 - b0 - (u1 - u0) - (s1 - s0))) "$reqs")"
   echo "$out" | grep -E "Non-2xx|Socket errors" | sed "s/^/  $c keep-alive: /" >&2 || true
+  PEAK[$c]=$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))
+  more_figures || add "$c" peak "${PEAK[$c]}"
+}
 
+more_figures() { want close || want h2 || want idle || want sse; }
+measure_more() { # chain: every other figure, on a fresh start of the chain
+  local c=$1 out peak
   if want close; then
     out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "$(url "$c")")
     echo "$out" > "wrk-close-$c.out"
@@ -351,7 +359,9 @@ measure() { # chain
     add "$c" h2 "$(echo "$out" | awk '/^finished in/{print $4}')"
     echo "$out" | awk '/^requests:/ && ($10 != 0 || $12 != 0) {print "  '"$c"' h2: " $0}' >&2
   fi
-  add "$c" peak "$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))"
+  # The larger of the two phases' peaks (the keep-alive phase's is missing when ka is left out).
+  peak=$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))
+  add "$c" peak "$(( ${PEAK[$c]:-0} > peak ? ${PEAK[$c]:-0} : peak ))"
 
   if [ "$c" != direct ] && want idle; then
     local fifo=idle.out ready
@@ -383,29 +393,31 @@ wait_chain() { # chain: the chain answers through every hop
 }
 
 echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] dir=$W" >&2
-# The order of the chains changes each round, so that no chain always follows the same one: a
-# chain stopped with 10 000 idle connections (Caddy's take 400 MB) leaves the kernel and the caches
-# work to do, which the next chain's first figure would otherwise always pay. Round r steps through
-# the chains from position r-1 by a stride coprime to their number, a different stride each round
-# while there are different ones (a mere rotation would keep every chain behind the same one).
-# After each chain the machine gets a moment to settle.
-read -r -a ORDER <<< "$CHAINS"
-N=${#ORDER[@]}
-STRIDES=()
-for k in $(seq 1 "$N"); do
-  a=$k; b=$N; while [ "$b" -ne 0 ]; do t=$((a % b)); a=$b; b=$t; done
-  [ "$a" -eq 1 ] && [ "$k" -lt "$N" ] && STRIDES+=("$k")
-done
-[ ${#STRIDES[@]} -eq 0 ] && STRIDES=(1)
-for r in $(seq 1 "$ROUNDS"); do
-  stride=${STRIDES[$(( (r - 1) % ${#STRIDES[@]} ))]}
-  for i in "${!ORDER[@]}"; do
-    c=${ORDER[$(( (i * stride + r - 1) % N ))]}
-    echo "round $r: $c" >&2
+# Each round has two phases, each running every chain once, started afresh and stopped after:
+# first the keep-alive figures, then all the others. The machine's speed drifts over minutes (the
+# client's and the backend's CPU per request, the same programs for every chain, moves by a fifth
+# between rounds), so the keep-alive figures that are compared are taken within a minute of each
+# other, each after another chain's keep-alive run: not minutes apart, each after whichever chain's
+# handshake run and 10 000 idle connections (Caddy's take 400 MB) happened to come before it.
+# Within a phase the chains run in a shuffled order, a different one each round and phase (seeded
+# by both, so a run can be repeated), so that no chain always comes first, last, or after the same
+# one. After each chain the machine gets a moment to settle.
+order() { # seed -> the chains, shuffled
+  tr ' ' '\n' <<< "$CHAINS" | sed '/^$/d' | awk -v seed="$1" 'BEGIN{srand(seed)} {print rand() "\t" $0}' | sort -g | cut -f2 | tr '\n' ' '
+}
+phase() { # round seed measure-function
+  local c
+  for c in $(order "$2"); do
+    echo "round $1: $c (${3#measure_})" >&2
     start_$c
-    if wait_chain "$c"; then pids_$c; measure "$c"; fi
+    if wait_chain "$c"; then pids_$c; "$3" "$c"; fi
     stop_$c; sleep "${SETTLE:-2}"
   done
+}
+for r in $(seq 1 "$ROUNDS"); do
+  PEAK=()
+  want ka && phase "$r" $((2 * r)) measure_ka
+  more_figures && phase "$r" $((2 * r + 1)) measure_more
 done
 
 # --------------------------------------------------------------------------------------------------
@@ -526,8 +538,8 @@ for c in $CHAINS; do
   [ "$c" = direct ] && continue
   echo "| $c | $(ratio "$(M "$c" ka)" "$(M nginx ka)") | $(ratio "$(M "$c" p99)" "$(M nginx p99)") | $(ratio "$(M "$c" close)" "$(M nginx close)") | $(ratio "$(M "$c" h2)" "$(M nginx h2)") | $(ratio "$(M "$c" cpu)" "$(M nginx cpu)") | $(ratio "$(M "$c" idle)" "$(M nginx idle)") |"
 done
-# Paired: each round's figure over nginx's in the same round. The chains of a round run within a
-# minute of each other, the rounds several minutes apart, and the machine's speed drifts between
+# Paired: each round's figure over nginx's in the same round. A phase's chains run within a minute
+# or two of each other, the rounds several minutes apart, and the machine's speed drifts between
 # rounds more than within one; the median of the paired ratios is the steadier estimate.
 paired() { awk -v a="${R[$1.$2]:-}" -v b="${R[nginx.$2]:-}" 'BEGIN{
   n = split(a, x, " "); m = split(b, y, " "); k = 0
