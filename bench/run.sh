@@ -460,7 +460,10 @@ if want instr; then
     callgrind_control -z "$G" >/dev/null; callgrind_control -z "$M" >/dev/null
     out=$(h2load --h1 -n "$INSTR_REQS" -c 10 "$(url "$c")" 2>&1)
     callgrind_control -d "$G" >/dev/null; callgrind_control -d "$M" >/dev/null
-    kill "$G" "$M" 2>/dev/null; wait "$G" "$M" 2>/dev/null || true
+    # valgrind is not this shell's child ($(...) started it), so `wait` returns at once: poll until
+    # both have exited and written their last dump, or the counts may be read before they exist.
+    kill "$G" "$M" 2>/dev/null
+    for _ in $(seq 1 300); do kill -0 "$G" 2>/dev/null || kill -0 "$M" 2>/dev/null || break; sleep 0.1; done
     if echo "$out" | grep -q "$INSTR_REQS succeeded, 0 failed"; then
       add "$c" instr_gw "$(instr_of "$c-gw" "$G")"
       add "$c" instr_mesh "$(instr_of "$c-mesh" "$M")"
