@@ -395,10 +395,10 @@ wait_chain() { # chain: the chain answers through every hop
 echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] dir=$W" >&2
 # Each round has two phases, each running every chain once, started afresh and stopped after:
 # first the keep-alive figures, then all the others. The machine's speed drifts over minutes (the
-# client's and the backend's CPU per request, the same programs for every chain, moves by a fifth
-# between rounds), so the keep-alive figures that are compared are taken within a minute of each
-# other, each after another chain's keep-alive run: not minutes apart, each after whichever chain's
-# handshake run and 10 000 idle connections (Caddy's take 400 MB) happened to come before it.
+# client's and the backend's CPU per request, the same programs for every chain, has moved by half
+# from one chain's run to another's), so the keep-alive figures that are compared are taken a minute
+# or two apart, each after another chain's keep-alive run: not several minutes apart, each after
+# whichever chain's handshake run and 10 000 idle connections (Caddy's take 400 MB) came before it.
 # Within a phase the chains run in a shuffled order, a different one each round and phase (seeded
 # by both, so a run can be repeated), so that no chain always comes first, last, or after the same
 # one. After each chain the machine gets a moment to settle.
