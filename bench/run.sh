@@ -47,7 +47,8 @@
 # the bench names to /etc/hosts and binds port 80 for http-01), and a hard `ulimit -n` above IDLE+1000.
 # Environment: ROUNDS SECS CONNS IDLE SSE_SAMPLES ACME_RUNS CHAINS SETTLE (seconds between chains,
 # default 2) BENCH_DIR PHOENIX_BIN (skip the build),
-# FIGURES (a subset of "ka close h2 idle sse acme instr"; the CPU and peak RSS figures come with ka;
+# FIGURES (a subset of "ka close h2 idle sse acme instr"; the CPU figure comes with ka, peak RSS
+# with ka or any of close h2 idle sse;
 # instr needs valgrind), INSTR_REQS, and PHOENIX_BIN_B with the chain `phoenixb`
 # (CHAINS="nginx phoenix phoenixb") to compare two builds.
 set -uo pipefail
@@ -346,7 +347,7 @@ measure_ka() { # chain: the keep-alive figures, CPU per request and peak RSS
 
 more_figures() { want close || want h2 || want idle || want sse; }
 measure_more() { # chain: every other figure, on a fresh start of the chain
-  local c=$1 out peak
+  local c=$1 out peak ka_peak=${PEAK[$1]:-0}
   if want close; then
     out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'Connection: close' "$(url "$c")")
     echo "$out" > "wrk-close-$c.out"
@@ -361,7 +362,7 @@ measure_more() { # chain: every other figure, on a fresh start of the chain
   fi
   # The larger of the two phases' peaks (the keep-alive phase's is missing when ka is left out).
   peak=$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))
-  add "$c" peak "$(( ${PEAK[$c]:-0} > peak ? ${PEAK[$c]:-0} : peak ))"
+  add "$c" peak "$(( ka_peak > peak ? ka_peak : peak ))"
 
   if [ "$c" != direct ] && want idle; then
     local fifo=idle.out ready
@@ -400,10 +401,9 @@ echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] 
 # or two apart, each after another chain's keep-alive run: not several minutes apart, each after
 # whichever chain's handshake run and 10 000 idle connections (Caddy's take 400 MB) came before it.
 # Within a phase the chains run in a shuffled order, a different one each round and phase (seeded
-# by both, so a run can be repeated), so that no chain always comes first, last, or after the same
-# one. After each chain the machine gets a moment to settle.
-order() { # seed -> the chains, shuffled
-  tr ' ' '\n' <<< "$CHAINS" | sed '/^$/d' | awk -v seed="$1" 'BEGIN{srand(seed)} {print rand() "\t" $0}' | sort -g | cut -f2 | tr '\n' ' '
+# by both, so a run can be repeated), so that no chain keeps one place or one predecessor. After each chain the machine gets a moment to settle.
+order() { # seed -> the chains, shuffled, one per line
+  printf '%s\n' $CHAINS | awk -v seed="$1" 'BEGIN{srand(seed)} {print rand() "\t" $0}' | sort -g | cut -f2
 }
 phase() { # round seed measure-function
   local c
