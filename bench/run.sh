@@ -13,6 +13,7 @@
 #   haproxy   haproxy          haproxy          14443 / 15443
 #   caddy     caddy            caddy            28443 / 29443
 #   phoenix   phoenix gateway  phoenix mesh     24443 / 25443
+#   relay     haproxy, TCP     haproxy, TCP     16443 / 17443   (optional: TLS relayed, no HTTP; below)
 #   direct    (none: wrk straight at the backend, the baseline)
 #
 # One backend for every chain: nginx (1 worker) returning a fixed 19-byte body on 127.0.0.1:18080;
@@ -81,7 +82,7 @@ grep -q " $HOST " /etc/hosts || echo "127.0.0.1 $HOST mesh.bench.test gateway.be
 # A process left over from an earlier run (or anything else) on one of the ports would silently
 # take part in the measurement (nginx's backend uses reuseport): refuse to start instead.
 busy=""
-for port in 18080 18001 18443 19443 14443 15443 28443 29443 24443 25443 24000 24901 24902 27000 80; do
+for port in 18080 18001 18443 19443 14443 15443 16443 17443 28443 29443 24443 25443 24000 24901 24902 27000 80; do
   [ -n "$(ss -Hltn "sport = :$port")" ] && busy+=" $port"
 done
 [ -z "$busy" ] || { echo "bench: ports in use:$busy (stop what listens there: ss -ltnp)" >&2; exit 1; }
@@ -306,6 +307,51 @@ start_phoenixb() { local BIN=${PHOENIX_BIN_B:?set PHOENIX_BIN_B for the phoenixb
 stop_phoenixb() { stop_phoenix; }
 pids_phoenixb() { pids_phoenix; }
 
+# relay: a reference, not a product. HAProxy in TCP mode on both hops: the gateway terminates the
+# client's TLS and opens TLS to the mesh (verified, as in the other chains), the mesh terminates it
+# and passes the bytes to the backend. No HTTP is parsed, routed or rewritten, one upstream connection
+# per client connection: the least work a chain of two TLS hops can do, on the same sockets. Only the
+# keep-alive figures apply (it speaks no HTTP/2 and has no /sse route); not in the default CHAINS.
+start_relay() {
+  cat > rg.cfg <<EOF
+global
+  maxconn 10500
+  no strict-limits
+  nbthread 2
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend g
+  bind 127.0.0.1:16443 ssl crt $W/pki/gw/combined.pem alpn http/1.1
+  default_backend m
+backend m
+  server m1 127.0.0.1:17443 ssl verify required ca-file $ROOTPEM sni str(mesh.bench.test) verifyhost mesh.bench.test
+EOF
+  cat > rm.cfg <<EOF
+global
+  maxconn 10500
+  no strict-limits
+  nbthread 2
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend m
+  bind 127.0.0.1:17443 ssl crt $W/pki/mesh/combined.pem
+  default_backend b
+backend b
+  server b1 127.0.0.1:18080
+EOF
+  haproxy -f rg.cfg >rg.log 2>&1 & RP1=$!
+  haproxy -f rm.cfg >rm.log 2>&1 & RP2=$!
+  PORT=16443
+}
+stop_relay() { kill $RP1 $RP2 2>/dev/null; wait $RP1 $RP2 2>/dev/null || true; }
+pids_relay() { CHAIN_PIDS="$RP1 $RP2"; GW_PIDS=$RP1; }
+
 start_direct() { PORT=18080; }
 stop_direct() { :; }
 pids_direct() { CHAIN_PIDS=$(nginx_pids nginx-b.pid); GW_PIDS=$CHAIN_PIDS; }
@@ -342,7 +388,8 @@ measure_ka() { # chain: the keep-alive figures, CPU per request and peak RSS
   add "$c" cpu_rest "$(per10k $((b1 - b0 - (u1 - u0) - (s1 - s0))) "$reqs")"
   echo "$out" | grep -E "Non-2xx|Socket errors" | sed "s/^/  $c keep-alive: /" >&2 || true
   PEAK[$c]=$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))
-  more_figures || add "$c" peak "${PEAK[$c]}"
+  # With a second phase, that phase records the larger of both peaks (relay has no second phase).
+  if ! more_figures || [ "$c" = relay ]; then add "$c" peak "${PEAK[$c]}"; fi
 }
 
 more_figures() { want close || want h2 || want idle || want sse; }
@@ -408,6 +455,7 @@ order() { # seed -> the chains, shuffled, one per line
 phase() { # round seed measure-function
   local c
   for c in $(order "$2"); do
+    [ "$3" = measure_more ] && [ "$c" = relay ] && continue   # keep-alive figures only
     echo "round $1: $c (${3#measure_})" >&2
     start_$c
     if wait_chain "$c"; then pids_$c; "$3" "$c"; fi
@@ -579,7 +627,9 @@ if want ka; then
     # rate means at most 0.8 x its total; the rest (client, backend) is not the proxies' to save.
     awk -v tn="$(total nginx)" -v r="$(M phoenix cpu_rest)" -v s="$(M phoenix cpu_sys)" -v un="$(M nginx cpu_user)" 'BEGIN{
       if (tn=="-" || r=="-") exit; b=0.8*tn-r;
-      printf "\nFor 1.25 x nginx'"'"'s keep-alive rate: total <= %.3f, so the proxies <= %.3f; Phoenix'"'"'s kernel time (%.3f)\nleaves %.3f for its user space, %.2f x nginx'"'"'s (%.3f).\n", 0.8*tn, b, s, b-s, (b-s)/un, un }'
+      printf "\nFor 1.25 x nginx'"'"'s keep-alive rate: total <= %.3f, so the proxies <= %.3f; Phoenix'"'"'s kernel time (%.3f)\nleaves %.3f for its user space, %.2f x nginx'"'"'s (%.3f).\n", 0.8*tn, b, s, b-s, (b-s)/un, un
+      # The ceiling: the same kernel time and rest with no user space at all.
+      printf "With no user space at all (its kernel time and the rest as measured), Phoenix'"'"'s chain would make\n%.2f x nginx'"'"'s rate.\n", tn/(s+r) }'
   fi
 fi
 if want instr; then
