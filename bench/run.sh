@@ -313,8 +313,7 @@ pids_phoenixb() { pids_phoenix; }
 # per client connection: the least work a chain of two TLS hops can do, on the same sockets. Only the
 # keep-alive figures apply (it speaks no HTTP/2 and has no /sse route); not in the default CHAINS.
 start_relay() {
-  cat > rg.cfg <<EOF
-global
+  local head="global
   maxconn 10500
   no strict-limits
   nbthread 2
@@ -322,7 +321,9 @@ defaults
   mode tcp
   timeout connect 5s
   timeout client 60s
-  timeout server 60s
+  timeout server 60s"
+  cat > rg.cfg <<EOF
+$head
 frontend g
   bind 127.0.0.1:16443 ssl crt $W/pki/gw/combined.pem alpn http/1.1
   default_backend m
@@ -330,15 +331,7 @@ backend m
   server m1 127.0.0.1:17443 ssl verify required ca-file $ROOTPEM sni str(mesh.bench.test) verifyhost mesh.bench.test
 EOF
   cat > rm.cfg <<EOF
-global
-  maxconn 10500
-  no strict-limits
-  nbthread 2
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
+$head
 frontend m
   bind 127.0.0.1:17443 ssl crt $W/pki/mesh/combined.pem
   default_backend b
