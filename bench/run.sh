@@ -250,9 +250,12 @@ backend sse
   http-reuse always
   server s1 127.0.0.1:18001
 EOF
-  haproxy -f hg.cfg >hg.log 2>&1 & HP1=$!
-  haproxy -f hm.cfg >hm.log 2>&1 & HP2=$!
+  start_haproxies hg.cfg hm.cfg
   PORT=14443
+}
+start_haproxies() { # gateway.cfg mesh.cfg: one HAProxy per hop, logs next to their configurations
+  haproxy -f "$1" >"${1%.cfg}.log" 2>&1 & HP1=$!
+  haproxy -f "$2" >"${2%.cfg}.log" 2>&1 & HP2=$!
 }
 stop_haproxy() { kill $HP1 $HP2 2>/dev/null; wait $HP1 $HP2 2>/dev/null || true; }
 pids_haproxy() { CHAIN_PIDS="$HP1 $HP2"; GW_PIDS=$HP1; }
@@ -338,12 +341,12 @@ frontend m
 backend b
   server b1 127.0.0.1:18080
 EOF
-  haproxy -f rg.cfg >rg.log 2>&1 & RP1=$!
-  haproxy -f rm.cfg >rm.log 2>&1 & RP2=$!
+  start_haproxies rg.cfg rm.cfg
   PORT=16443
 }
-stop_relay() { kill $RP1 $RP2 2>/dev/null; wait $RP1 $RP2 2>/dev/null || true; }
-pids_relay() { CHAIN_PIDS="$RP1 $RP2"; GW_PIDS=$RP1; }
+stop_relay() { stop_haproxy; }
+pids_relay() { pids_haproxy; }
+keepalive_only() { [ "$1" = relay ]; }   # chain: it has no figures but the keep-alive ones
 
 start_direct() { PORT=18080; }
 stop_direct() { :; }
@@ -381,8 +384,8 @@ measure_ka() { # chain: the keep-alive figures, CPU per request and peak RSS
   add "$c" cpu_rest "$(per10k $((b1 - b0 - (u1 - u0) - (s1 - s0))) "$reqs")"
   echo "$out" | grep -E "Non-2xx|Socket errors" | sed "s/^/  $c keep-alive: /" >&2 || true
   PEAK[$c]=$(( $(kb_sum VmHWM "$CHAIN_PIDS") / 1024 ))
-  # With a second phase, that phase records the larger of both peaks (relay has no second phase).
-  if ! more_figures || [ "$c" = relay ]; then add "$c" peak "${PEAK[$c]}"; fi
+  # With a second phase, that phase records the larger of both peaks.
+  if ! more_figures || keepalive_only "$c"; then add "$c" peak "${PEAK[$c]}"; fi
 }
 
 more_figures() { want close || want h2 || want idle || want sse; }
@@ -441,14 +444,15 @@ echo "bench: rounds=$ROUNDS secs=$SECS conns=$CONNS idle=$IDLE chains=[$CHAINS] 
 # or two apart, each after another chain's keep-alive run: not several minutes apart, each after
 # whichever chain's handshake run and 10 000 idle connections (Caddy's take 400 MB) came before it.
 # Within a phase the chains run in a shuffled order, a different one each round and phase (seeded
-# by both, so a run can be repeated), so that no chain keeps one place or one predecessor. After each chain the machine gets a moment to settle.
+# by both, so a run can be repeated), so that no chain keeps one place or one predecessor. After
+# each chain the machine gets a moment to settle.
 order() { # seed -> the chains, shuffled, one per line
   printf '%s\n' $CHAINS | awk -v seed="$1" 'BEGIN{srand(seed)} {print rand() "\t" $0}' | sort -g | cut -f2
 }
 phase() { # round seed measure-function
   local c
   for c in $(order "$2"); do
-    [ "$3" = measure_more ] && [ "$c" = relay ] && continue   # keep-alive figures only
+    [ "$3" = measure_more ] && keepalive_only "$c" && continue
     echo "round $1: $c (${3#measure_})" >&2
     start_$c
     if wait_chain "$c"; then pids_$c; "$3" "$c"; fi
